@@ -1,2 +1,105 @@
-def main(argv=None):
-    print("sonomaly")
+"""``sonomaly``: the one command line of the project."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
+DEMO_MODEL = REPO / "models" / "lung"
+LIVE_PREFIXES = ("device:", "/dev/video", "rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
+                   help="inference backend (auto: TensorRT when a GPU and TensorRT are present, else ONNX Runtime)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="STUN/TURN server for WebRTC (repeatable; none by default: closed networks)")
+    p.add_argument("--max-ai-lag-ms", type=float, default=100.0,
+                   help="draw a heatmap only if it is younger than this (default 100)")
+    p.add_argument("--no-hud", action="store_true", help="hide the HUD (fps, latency, backend, model)")
+    p.add_argument("--log-level", default="info")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sonomaly", description="Real-time ultrasound anomaly heatmaps over WebRTC")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="stream the bundled lung clip with the bundled model (CPU) to a browser")
+    _add_serve_args(p)
+    p.add_argument("--source", default=None, help=f"override the clip (default {DEMO_CLIP.relative_to(REPO)})")
+    p.add_argument("--model", default=None, help=f"override the model (default {DEMO_MODEL.relative_to(REPO)})")
+
+    p = sub.add_parser("serve", help="stream any source through a model")
+    p.add_argument("--source", required=True,
+                   help="video file, device:N, rtsp://…, http(s)://… (MJPEG too), image folder, DICOM file")
+    p.add_argument("--model", default=None, help="model directory (model.onnx + card.json); none: video only")
+    p.add_argument("--loop", action="store_true", help="loop a file source")
+    _add_serve_args(p)
+
+    p = sub.add_parser("train", help="train a detector on normal images or clips")
+    p.add_argument("--family", default="patch_gaussian")
+    p.add_argument("--data", required=True, nargs="+", help="folder(s) or files of normal images / clips")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
+    import uvicorn
+
+    from sonomaly import engines
+    from sonomaly.stream.app import create_app
+    from sonomaly.stream.pipeline import Pipeline, PipelineConfig
+    from sonomaly.stream.sources import ReconnectingSource, open_source
+
+    log = logging.getLogger("sonomaly")
+    engine = None
+    if model_dir:
+        opts = {} if args.threads is None else {"threads": args.threads}
+        engine = engines.load(model_dir, backend=args.backend, **opts)
+        log.info("model %s on %s (%s)", engine.card.name, engine.backend, engine.backend_reason or "as asked")
+    # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended
+    live = source_uri.startswith(LIVE_PREFIXES)
+    source = ReconnectingSource(lambda: open_source(source_uri, loop=loop), reconnect_on_end=live)
+    config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, hud=not args.no_hud)
+    pipeline = Pipeline(source, engine, config)
+    app = create_app(pipeline, ice_servers=args.ice_server)
+    print(f"Sonomaly: streaming {source_uri} — open http://{args.host}:{args.port}/ in a browser", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "info")).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        source = args.source or str(DEMO_CLIP)
+        model = args.model or str(DEMO_MODEL)
+        for path, what in ((source, "demo clip"), (model, "demo model")):
+            if not Path(path).exists():
+                print(f"sonomaly demo: the {what} is missing: {path} (run from a clone of the repository, "
+                      f"or pass --source/--model)", file=sys.stderr)
+                return 2
+        return _serve(args, source, model, loop=True)
+    if args.command == "serve":
+        return _serve(args, args.source, args.model, loop=args.loop)
+    if args.command == "train":
+        from sonomaly.engines.train import train
+
+        card = train(args.family, args.data, args.out, size=args.size, epochs=args.epochs, seed=args.seed)
+        print(f"wrote {args.out} ({card.name}, family {card.family})")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

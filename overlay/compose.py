@@ -1,0 +1,81 @@
+"""The compositor: one call turns a raw frame, its anomaly map and scan region into the frame the OR display shows."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from sonomaly.overlay.draw import (
+    DEFAULT_COLORMAP,
+    _as_bgr,
+    blend_heatmap,
+    draw_banner,
+    draw_contours,
+    draw_gauge,
+    draw_hud,
+)
+from sonomaly.stream.roi import ScanRegion
+
+
+@dataclass
+class OverlayStyle:
+    """What the compositor draws.  ``colormap`` is an OpenCV colormap id; ``threshold`` is the score/map level that
+    the gauge tick and the contours mark (1.0 in card-normalised units)."""
+
+    opacity: float = 0.6
+    contours: bool = True
+    gauge: bool = True
+    hud: bool = True
+    colormap: int = DEFAULT_COLORMAP
+    threshold: float = 1.0
+    contour_thickness: int | None = None  # None: scales with the frame (2 px at 720p)
+    contour_color: tuple[int, int, int] = (255, 255, 255)
+    hud_corner: str = "bottom_left"
+
+
+def _fit_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    amap = np.asarray(amap)
+    if amap.ndim == 3:
+        amap = amap[:, :, 0]
+    if amap.dtype != np.float32:
+        amap = amap.astype(np.float32)
+    if amap.shape != shape:  # a model-resolution map: stretch it over the frame
+        if amap.size == 0 or shape[0] == 0 or shape[1] == 0:
+            return np.zeros(shape, np.float32)
+        amap = cv2.resize(amap, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return amap
+
+
+def compose(image: np.ndarray, amap: np.ndarray | None, region: ScanRegion | None, *, score: float | None = None,
+            style: OverlayStyle | None = None, hud_lines: Sequence[str] = (), banner: str | None = None,
+            banner_level: str = "warn") -> np.ndarray:
+    """Return a NEW display frame (``image`` is never modified).
+
+    ``amap=None`` means no heatmap this frame (raw image plus gauge/HUD/banner).  ``region`` limits the heatmap and
+    contours to the scan (``None``: whole frame) and tells the gauge which corner is free.  A map of a different size
+    than the frame (e.g. the model's resolution) is resized to it.
+    """
+    style = style or OverlayStyle()
+    src = _as_bgr(image)
+    out = src.copy()
+    h, w = out.shape[:2]
+    if h == 0 or w == 0:
+        return out
+    mask = None
+    if region is not None:
+        mask = region.mask if region.frame_shape == (h, w) else None
+    if amap is not None:
+        a = _fit_map(amap, (h, w))
+        blend_heatmap(out, a, mask, opacity=style.opacity, out=out, colormap=style.colormap)
+        if style.contours:
+            th = style.contour_thickness or max(1, int(round(2 * h / 720)))
+            draw_contours(out, a, mask, level=style.threshold, color=style.contour_color, thickness=th, inplace=True)
+    if style.gauge and score is not None:
+        draw_gauge(out, score, threshold=style.threshold, mask=mask, inplace=True)
+    if style.hud and hud_lines:
+        draw_hud(out, list(hud_lines), corner=style.hud_corner, inplace=True)
+    if banner:
+        draw_banner(out, banner, level=banner_level, inplace=True)
+    return out

@@ -1,0 +1,501 @@
+"""Drawing primitives for the operating-room display: heatmap layer, contours, score gauge, HUD, banners.
+
+All functions take ``uint8`` BGR frames (``H x W x 3``) and are pure by default: they return a new frame and leave the
+input alone.  ``inplace=True`` (or ``out=`` for :func:`blend_heatmap`) draws into the given array instead; the
+compositor uses that on its own copy to stay within its time budget.
+
+Conventions: the anomaly map ``amap`` is ``float32 H x W`` in card-normalised units (0 = typical normal, 1.0 = the
+detection threshold, > 1 above it; negative and NaN mean 0), and so is the image score.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+# ------------------------------------------------------------------------------------------------------------- colours
+# BGR.  Understated clinical palette: neutral greys for chrome, traffic-light colours only where they carry meaning.
+WHITE = (255, 255, 255)
+TEXT = (235, 235, 235)
+TEXT_DIM = (170, 170, 170)
+GREEN = (96, 200, 72)
+AMBER = (0, 176, 255)
+RED = (56, 56, 230)
+PANEL_DARKEN = 0.42  # panels keep this fraction of the pixels underneath (semi-transparent black)
+
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+FONT_BOLD = cv2.FONT_HERSHEY_DUPLEX
+
+#: The heatmap saturates at this many thresholds: alpha and colour both reach their maximum at ``amap == AMAP_MAX``.
+AMAP_MAX = 1.5
+LEVELS = 256  # the map is quantised to this many levels before colouring
+
+DEFAULT_COLORMAP = cv2.COLORMAP_TURBO
+_LUTS: dict[int, np.ndarray] = {}
+
+
+def colormap_lut(colormap: int = DEFAULT_COLORMAP) -> np.ndarray:
+    """``256 x 1 x 3`` uint8 BGR lookup table of an OpenCV colormap (computed once per colormap, then cached)."""
+    lut = _LUTS.get(colormap)
+    if lut is None:
+        lut = cv2.applyColorMap(np.arange(LEVELS, dtype=np.uint8).reshape(LEVELS, 1), colormap)
+        lut.setflags(write=False)
+        _LUTS[colormap] = lut
+    return lut
+
+
+colormap_lut(DEFAULT_COLORMAP)  # precomputed at import
+_LEVEL_SCALE = np.float32((LEVELS - 1) / AMAP_MAX)
+
+# Scratch buffers, reused between calls: frame-sized temporaries allocated afresh on every call cost more in page
+# faults (fresh mmap'd memory) than the arithmetic itself.  One set per thread; each grows to the largest size seen.
+_WORK = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A contiguous, uninitialised array of ``shape`` backed by a per-thread buffer reused across calls."""
+    n = int(np.prod(shape))
+    dtype = np.dtype(dtype)
+    bufs = _WORK.__dict__.setdefault("bufs", {})
+    key = (name, dtype.str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, 1), dtype)
+        bufs[key] = buf
+    return buf[:n].reshape(shape)
+
+
+
+def _as_bgr(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 frame, got {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    return image
+
+
+def _target(image: np.ndarray, inplace: bool) -> np.ndarray:
+    bgr = _as_bgr(image)
+    if inplace and bgr is image:
+        return image
+    return bgr.copy() if bgr is image else bgr
+
+
+def _mask255(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    if mask is None:
+        return np.full(shape, 255, np.uint8)
+    mask = np.asarray(mask)
+    if mask.shape[:2] != shape:
+        raise ValueError(f"mask shape {mask.shape[:2]} != frame shape {shape}")
+    if mask.ndim == 3:
+        mask = mask[:, :, 0]
+    if mask.dtype == np.uint8 and mask.size >= _CV_MIN:
+        return cv2.compare(mask, 0, cv2.CMP_GT)  # 255 / 0
+    return (mask > 0).astype(np.uint8) * np.uint8(255)
+
+
+# OpenCV's Python bindings read arrays of up to 4 elements as scalars; tiny inputs take a numpy path instead.
+_CV_MIN = 1024
+
+
+def _amap(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    amap = np.asarray(amap)
+    if amap.ndim == 3:
+        amap = amap[:, :, 0]
+    if amap.shape != shape:
+        raise ValueError(f"amap shape {amap.shape} != frame shape {shape}")
+    return amap if amap.dtype == np.float32 else amap.astype(np.float32)
+
+
+def quantise(amap: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Map levels ``0..255`` (uint8, rounded): 0 where ``amap <= 0`` or NaN, 255 from ``amap >= AMAP_MAX`` (+inf too)."""
+    a = np.minimum(amap, np.float32(2 * AMAP_MAX), out=_scratch("q", amap.shape, np.float32))  # +inf -> finite
+    # saturating, rounding conversion: negative -> 0, > 255 -> 255, NaN -> 0
+    if a.size < _CV_MIN:
+        q = np.rint(np.nan_to_num(a * _LEVEL_SCALE, nan=0.0))
+        q = np.clip(q, 0, 255).astype(np.uint8)
+        if out is None:
+            return q
+        out[...] = q
+        return out
+    if out is None:
+        return cv2.multiply(a, float(_LEVEL_SCALE), dtype=cv2.CV_8U)
+    return cv2.multiply(a, float(_LEVEL_SCALE), dst=out, dtype=cv2.CV_8U)
+
+
+# ----------------------------------------------------------------------------------------------------------- heatmap
+def blend_heatmap(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, *, opacity: float = 0.6,
+                  out: np.ndarray | None = None, colormap: int = DEFAULT_COLORMAP) -> np.ndarray:
+    """Blend the colour-mapped anomaly map over ``image`` where ``mask > 0``.
+
+    Per-pixel alpha is ``opacity * clip(amap, 0, 1.5) / 1.5``: it grows with the anomaly and is exactly 0 where
+    ``amap <= 0`` (or NaN), so a zero map leaves the frame bit-exact; pixels outside the mask never change.
+    ``out`` may be ``image`` itself (blend in place) or another frame of the same shape.
+    """
+    src = _as_bgr(image)
+    h, w = src.shape[:2]
+    if out is None:
+        out = src.copy()
+    elif out is not src:
+        if out.shape != src.shape or out.dtype != np.uint8:
+            raise ValueError("out must be a uint8 frame shaped like image")
+        np.copyto(out, src)
+    if h == 0 or w == 0:
+        return out
+    m = _mask255(mask, (h, w))
+    x, y, bw, bh = _nonzero_box(m)  # work only inside the scan region's box
+    if bw == 0 or bh == 0:
+        return out
+    opacity = float(min(max(opacity, 0.0), 1.0))
+    level = quantise(_amap(amap, (h, w))[y : y + bh, x : x + bw], out=_scratch("level", (bh, bw), np.uint8))
+    np.bitwise_and(level, m[y : y + bh, x : x + bw], out=level)  # outside the mask: level 0 -> alpha 0
+    lx, ly, lw, lh = _nonzero_box(level)  # and only where the map is above zero
+    if lw == 0 or lh == 0:
+        return out
+    if (lw, lh) != (bw, bh):
+        level = np.ascontiguousarray(level[ly : ly + lh, lx : lx + lw])  # small copy; scratch "level" is reused
+        x, y, bw, bh = x + lx, y + ly, lw, lh
+    sub = out[y : y + bh, x : x + bw]
+    lut = _alpha_lut(opacity)
+    if level.size < _CV_MIN:  # tiny: numpy (same arithmetic)
+        alpha = lut[0, level][:, :, None]
+        colour = colormap_lut(colormap)[level, 0].astype(np.float32)
+        res = np.rint((colour * alpha + sub * (1.0 - alpha)) / np.float32(1.0 + 1e-5))
+        np.copyto(sub, np.clip(res, 0, 255).astype(np.uint8), where=alpha > 0)
+        return out
+    alpha = cv2.LUT(level, lut, dst=_scratch("alpha", (bh, bw), np.float32))  # exactly 0 at level 0
+    beta = cv2.subtract(1.0, alpha, dst=_scratch("beta", (bh, bw), np.float32))
+    level3 = cv2.merge((level, level, level), dst=_scratch("level3", (bh, bw, 3), np.uint8))
+    colour = cv2.LUT(level3, colormap_lut(colormap), dst=_scratch("colour", (bh, bw, 3), np.uint8))
+    # (colour * alpha + sub * (1 - alpha)) / (1 + eps): where alpha == 0 this rounds back to sub exactly
+    sub[...] = cv2.blendLinear(colour, sub, alpha, beta, dst=_scratch("blend", (bh, bw, 3), np.uint8))
+    return out
+
+
+def _nonzero_box(a: np.ndarray) -> tuple[int, int, int, int]:
+    """``(x, y, w, h)`` of the nonzero pixels of a 2-D uint8 array (all zeros: width/height 0)."""
+    if a.size >= _CV_MIN:
+        return cv2.boundingRect(a)
+    rows = np.flatnonzero(a.any(axis=1))
+    if rows.size == 0:
+        return 0, 0, 0, 0
+    cols = np.flatnonzero(a.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
+
+
+_ALPHA_LUTS: dict[float, np.ndarray] = {}
+
+
+def _alpha_lut(opacity: float) -> np.ndarray:
+    lut = _ALPHA_LUTS.get(opacity)
+    if lut is None:
+        lut = (np.arange(LEVELS, dtype=np.float32) * np.float32(opacity / (LEVELS - 1))).reshape(1, LEVELS)
+        if len(_ALPHA_LUTS) > 64:
+            _ALPHA_LUTS.clear()
+        _ALPHA_LUTS[opacity] = lut
+    return lut
+
+
+def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, *, level: float = 1.0,
+                  color=WHITE, thickness: int = 2, halo: bool = True, inplace: bool = False) -> np.ndarray:
+    """Outline where ``amap`` crosses ``level``, drawn inside the mask only (anti-aliased, with a thin dark halo).
+
+    Nothing is drawn when the map stays on one side of the level everywhere.  The frame border is not a crossing.
+    """
+    out = _target(image, inplace)
+    h, w = out.shape[:2]
+    if h == 0 or w == 0:
+        return out
+    m = _mask255(mask, (h, w))
+    x, y, bw, bh = _nonzero_box(m)
+    if bw == 0 or bh == 0:
+        return out
+    a = _amap(amap, (h, w))[y : y + bh, x : x + bw]
+    # Trace on a copy of at most ~_CONTOUR_SIDE px (smoother lines, bounded cost on noisy maps), draw at full size.
+    f = max(1, int(np.ceil(max(bw, bh) / _CONTOUR_SIDE)))
+    if f > 1:
+        a = cv2.resize(a, (max(1, bw // f), max(1, bh // f)), interpolation=cv2.INTER_AREA)
+    above = np.greater_equal(a, np.float32(level)).view(np.uint8)  # NaN -> below
+    n_above = int(np.count_nonzero(above))
+    if n_above == 0 or n_above == above.size:
+        return out
+    thickness = max(1, int(thickness))
+    pad = 4  # replicate past the border so the frame edge never reads as a crossing
+    padded = cv2.copyMakeBorder(above, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    contours, _ = cv2.findContours(padded, cv2.RETR_LIST, cv2.CHAIN_APPROX_TC89_L1, offset=(-pad, -pad))
+    ah, aw = above.shape
+    # drop single-pixel noise; the padded frame's own border (if any) lies outside the canvas and is clipped away
+    keep = []
+    for c in contours:
+        _, _, cw, ch = cv2.boundingRect(c)
+        if cw * ch >= _CONTOUR_MIN_BOX:
+            keep.append(c)
+    if not keep:
+        return out
+    shift = 3
+    sx, sy = bw / aw, bh / ah
+    scale = np.array([sx, sy]) * (1 << shift)
+    offset = (np.array([sx, sy]) * 0.5 - 0.5) * (1 << shift)
+    keep = [np.round(c.reshape(-1, 2) * scale + offset).astype(np.int32).reshape(-1, 1, 2) for c in keep]
+    # draw on a copy of just the contours' box, then copy it back through the mask (nothing lands outside the scan)
+    allp = np.concatenate(keep).reshape(-1, 2) >> shift
+    grow = thickness + 3
+    rx0, ry0 = (max(0, int(v) - grow) for v in allp.min(axis=0))
+    rx1, ry1 = min(bw, int(allp[:, 0].max()) + grow + 1), min(bh, int(allp[:, 1].max()) + grow + 1)
+    if rx1 <= rx0 or ry1 <= ry0:
+        return out
+    sub = out[y + ry0 : y + ry1, x + rx0 : x + rx1]
+    drawn = sub.copy()
+    off = np.array([rx0, ry0], np.int32) << shift
+    keep = [c - off for c in keep]
+    if halo:
+        cv2.polylines(drawn, keep, True, (0, 0, 0), thickness + 2, cv2.LINE_AA, shift)
+    cv2.polylines(drawn, keep, True, tuple(int(c) for c in color), thickness, cv2.LINE_AA, shift)
+    m_sub = m[y + ry0 : y + ry1, x + rx0 : x + rx1]
+    if drawn.size >= _CV_MIN:
+        cv2.copyTo(drawn, m_sub, dst=sub)
+    else:
+        np.copyto(sub, drawn, where=m_sub[:, :, None] > 0)
+    return out
+
+
+_CONTOUR_SIDE = 320
+_CONTOUR_MIN_BOX = 4
+
+
+# ------------------------------------------------------------------------------------------------------------- text
+def ui_scale(height: int) -> float:
+    """Size unit of the chrome: 1.0 at 720 lines, never so small that text is illegible at 240p."""
+    return max(height, 1) / 720.0
+
+
+def _font_scale(height: int, size: float, minimum: float) -> float:
+    return max(minimum, size * ui_scale(height))
+
+
+def _thickness(scale: float) -> int:
+    return max(1, int(round(scale * 1.6)))
+
+
+def _darken(image: np.ndarray, x0: int, y0: int, x1: int, y1: int, keep: float = PANEL_DARKEN) -> None:
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x1 > x0 and y1 > y0:
+        roi = image[y0:y1, x0:x1]
+        cv2.convertScaleAbs(roi, dst=roi, alpha=keep)
+
+
+def _text(image, text, org, scale, color, thickness, font=FONT, shadow=True) -> None:
+    if shadow:
+        cv2.putText(image, text, (org[0] + 1, org[1] + 1), font, scale, (0, 0, 0), thickness + 1, cv2.LINE_AA)
+    cv2.putText(image, text, org, font, scale, color, thickness, cv2.LINE_AA)
+
+
+# ------------------------------------------------------------------------------------------------------------ gauge
+def gauge_color(score: float, threshold: float = 1.0) -> tuple[int, int, int]:
+    """Green below ~70 % of the threshold, through amber to red at the threshold and above."""
+    if not np.isfinite(score) or threshold <= 0:
+        return TEXT_DIM
+    r = score / threshold
+    g0, a, rd = np.array(GREEN, float), np.array(AMBER, float), np.array(RED, float)
+    if r <= 0.7:
+        c = g0
+    elif r < 0.85:
+        c = g0 + (a - g0) * (r - 0.7) / 0.15
+    elif r < 1.0:
+        c = a + (rd - a) * (r - 0.85) / 0.15
+    else:
+        c = rd
+    return tuple(int(round(v)) for v in c)
+
+
+def gauge_size(height: int, width: int) -> tuple[int, int]:
+    """Outer size (w, h) of the gauge panel."""
+    u = ui_scale(height)
+    gh = max(40, int(round(170 * u)))
+    gw = max(24, int(round(54 * u)))
+    return min(gw, max(1, width)), min(gh, max(1, height))
+
+
+def gauge_origin(height: int, width: int, mask: np.ndarray | None = None,
+                 avoid: Sequence[str] = ("bottom_left",)) -> tuple[int, int]:
+    """Top-left corner for the gauge: the frame corner whose box overlaps the scan mask least (right side first)."""
+    gw, gh = gauge_size(height, width)
+    margin = max(4, int(round(12 * ui_scale(height))))
+    corners = {
+        "bottom_right": (width - gw - margin, height - gh - margin),
+        "top_right": (width - gw - margin, margin),
+        "top_left": (margin, margin),
+        "bottom_left": (margin, height - gh - margin),
+    }
+    order = [k for k in corners if k not in avoid] or list(corners)
+    if mask is None:
+        return tuple(max(0, v) for v in corners[order[0]])
+    best, best_cover = None, None
+    for k in order:
+        x, y = (max(0, v) for v in corners[k])
+        cover = int(np.count_nonzero(mask[y : y + gh, x : x + gw]))
+        if best_cover is None or cover < best_cover:
+            best, best_cover = (x, y), cover
+    return best
+
+
+def draw_gauge(image: np.ndarray, score: float | None, *, threshold: float = 1.0, origin=None,
+               mask: np.ndarray | None = None, label: str = "AI", inplace: bool = False) -> np.ndarray:
+    """Vertical bar gauge of the image score with a threshold tick; green -> amber -> red.
+
+    The bar spans ``0 .. 1.5 * threshold`` (the tick sits at two thirds).  ``origin`` is the panel's top-left corner;
+    by default the gauge goes to the frame corner that covers the scan region ``mask`` least.  A ``None``/NaN score
+    draws an empty gauge reading ``--``.
+    """
+    out = _target(image, inplace)
+    h, w = out.shape[:2]
+    if h < 8 or w < 8:
+        return out
+    gw, gh = gauge_size(h, w)
+    if origin is None:
+        origin = gauge_origin(h, w, None if mask is None else _mask255(mask, (h, w)))
+    x0, y0 = int(origin[0]), int(origin[1])
+    u = ui_scale(h)
+    fs = _font_scale(h, 0.52, 0.34)
+    th = _thickness(fs * 0.8)
+    _darken(out, x0, y0, x0 + gw, y0 + gh)
+
+    (lw, lh), _ = cv2.getTextSize(label, FONT, fs, th)
+    pad = max(2, int(round(6 * u)))
+    text_h = lh + 2 * pad
+    bar_w = max(4, int(round(12 * u)))
+    bx0 = x0 + (gw - bar_w) // 2
+    by0 = y0 + text_h
+    by1 = y0 + gh - text_h
+    if by1 - by0 < 8:
+        return out
+    score_ok = score is not None and np.isfinite(score)
+    top = 1.5 * threshold if threshold > 0 else 1.5
+    frac = min(max((score if score_ok else 0.0) / top, 0.0), 1.0)
+    cv2.rectangle(out, (bx0, by0), (bx0 + bar_w - 1, by1), (90, 90, 90), 1)  # track
+    fill_top = int(round(by1 - frac * (by1 - by0)))
+    if score_ok and fill_top < by1:
+        cv2.rectangle(out, (bx0 + 1, fill_top), (bx0 + bar_w - 2, by1 - 1), gauge_color(score, threshold), -1)
+    ty = int(round(by1 - (threshold / top) * (by1 - by0)))  # threshold tick, wider than the bar
+    tick = max(3, int(round(7 * u)))
+    cv2.line(out, (bx0 - tick, ty), (bx0 + bar_w - 1 + tick, ty), WHITE, max(1, int(round(1.5 * u))), cv2.LINE_AA)
+
+    _text(out, label, (x0 + (gw - lw) // 2, y0 + pad + lh), fs, TEXT_DIM, th, shadow=False)
+    val = f"{score:.2f}" if score_ok else "--"
+    fsv = fs * (0.9 if len(val) > 4 else 1.0)
+    (vw, vh), _ = cv2.getTextSize(val, FONT, fsv, th)
+    color = gauge_color(score, threshold) if score_ok else TEXT_DIM
+    _text(out, val, (x0 + (gw - vw) // 2, y0 + gh - pad), fsv, color, th, shadow=False)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- HUD, banner
+def draw_hud(image: np.ndarray, lines: Sequence[str], *, corner: str = "bottom_left",
+             inplace: bool = False) -> np.ndarray:
+    """Small semi-transparent text box (fps, latency, backend, model) in a corner of the frame."""
+    out = _target(image, inplace)
+    h, w = out.shape[:2]
+    lines = [str(s) for s in lines if s is not None and str(s) != ""]
+    if not lines or h < 8 or w < 8:
+        return out
+    fs = _font_scale(h, 0.56, 0.36)
+    th = _thickness(fs * 0.7)
+    sizes = [cv2.getTextSize(s, FONT, fs, th)[0] for s in lines]
+    line_h = max(s[1] for s in sizes)
+    gap = max(3, int(round(line_h * 0.55)))
+    pad = max(3, int(round(line_h * 0.6)))
+    box_w = max(s[0] for s in sizes) + 2 * pad
+    box_h = len(lines) * line_h + (len(lines) - 1) * gap + 2 * pad
+    margin = max(4, int(round(12 * ui_scale(h))))
+    x0 = margin if "left" in corner else w - margin - box_w
+    y0 = margin if "top" in corner else h - margin - box_h
+    x0, y0 = max(0, x0), max(0, y0)
+    _darken(out, x0, y0, x0 + box_w, y0 + box_h)
+    y = y0 + pad + line_h
+    for s in lines:
+        _text(out, s, (x0 + pad, y), fs, TEXT, th, shadow=False)
+        y += line_h + gap
+    return out
+
+
+_BANNER_STYLE = {  # level -> (background, text)
+    "info": ((110, 80, 40), WHITE),
+    "warn": (AMBER, (20, 20, 20)),
+    "error": (RED, WHITE),
+    "off": (RED, WHITE),
+}
+
+
+def banner_rect(height: int, width: int, text: str) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` of the banner box for a frame of this size (top centre, a band of ~9 % of the height)."""
+    fs, th = _banner_font(height)
+    (tw, tht), base = cv2.getTextSize(text, FONT_BOLD, fs, th)
+    pad_x = max(6, int(round(tht * 1.0)))
+    pad_y = max(3, int(round(tht * 0.45)))
+    bw = min(width, tw + 2 * pad_x)
+    bh = min(height, tht + base + 2 * pad_y)
+    x0 = (width - bw) // 2
+    y0 = max(0, int(round(10 * ui_scale(height))))
+    return x0, y0, x0 + bw, y0 + bh
+
+
+def _banner_font(height: int) -> tuple[float, int]:
+    fs = _font_scale(height, 1.0, 0.5)
+    return fs, _thickness(fs * 1.1)
+
+
+def draw_banner(image: np.ndarray, text: str, *, level: str = "warn", inplace: bool = False) -> np.ndarray:
+    """Status banner ("AI DELAYED" amber, "AI OFF" red) at the top centre: big, clear, away from the scan centre."""
+    out = _target(image, inplace)
+    h, w = out.shape[:2]
+    if not text or h < 8 or w < 8:
+        return out
+    bg, fg = _BANNER_STYLE.get(level, _BANNER_STYLE["warn"])
+    fs, th = _banner_font(h)
+    x0, y0, x1, y1 = banner_rect(h, w, text)
+    cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), bg, -1)
+    cv2.rectangle(out, (x0, y0), (x1 - 1, y1 - 1), (0, 0, 0), 1)
+    (tw, tht), base = cv2.getTextSize(text, FONT_BOLD, fs, th)
+    tx = x0 + max(0, (x1 - x0 - tw) // 2)
+    ty = y0 + (y1 - y0 + tht) // 2 - max(0, base // 4)
+    cv2.putText(out, text, (tx, ty), FONT_BOLD, fs, fg, th, cv2.LINE_AA)
+    return out
+
+
+def no_signal_frame(height: int, width: int, text: str = "NO SIGNAL", detail: str | None = None) -> np.ndarray:
+    """Dark grey placeholder frame with big centred text and an optional detail line (``"reconnecting in 2 s"``)."""
+    height, width = max(0, int(height)), max(0, int(width))
+    frame = np.full((height, width, 3), 28, np.uint8)
+    if height < 4 or width < 4:
+        return frame
+    fs = _font_scale(height, 1.6, 0.45)
+    th = _thickness(fs * 1.0)
+    (tw, tht), _ = cv2.getTextSize(text, FONT_BOLD, fs, th)
+    if tw > 0.9 * width:  # keep it on screen in narrow frames
+        fs *= 0.9 * width / tw
+        th = _thickness(fs)
+        (tw, tht), _ = cv2.getTextSize(text, FONT_BOLD, fs, th)
+    cy = height // 2 + (tht // 2 if not detail else 0)
+    cv2.putText(frame, text, ((width - tw) // 2, cy), FONT_BOLD, fs, (200, 200, 200), th, cv2.LINE_AA)
+    line_w = max(1, int(round(2 * ui_scale(height))))
+    lx = max(1, tw // 2)
+    ly = cy + max(4, int(round(tht * 0.6)))
+    cv2.line(frame, (width // 2 - lx, ly), (width // 2 + lx, ly), (70, 70, 70), line_w, cv2.LINE_AA)
+    if detail:
+        fsd = max(0.35, fs * 0.42)
+        thd = _thickness(fsd * 0.8)
+        (dw, dh), _ = cv2.getTextSize(detail, FONT, fsd, thd)
+        if dw > 0.95 * width:
+            fsd *= 0.95 * width / dw
+            (dw, dh), _ = cv2.getTextSize(detail, FONT, fsd, thd)
+        cv2.putText(frame, detail, ((width - dw) // 2, ly + max(6, int(round(dh * 2.0)))), FONT, fsd, TEXT_DIM, thd,
+                    cv2.LINE_AA)
+    return frame

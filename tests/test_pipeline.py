@@ -1,0 +1,195 @@
+"""Raw-first behaviour with fault injection: slow, raising, NaN-returning and stalling engines, a vanishing source.
+
+Real parts: the bundled clip paced at its own 39 fps, the bundled model on ONNX Runtime, wrapped to misbehave.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from sonomaly import engines
+from sonomaly.stream.pipeline import Pipeline, PipelineConfig
+from sonomaly.stream.sources import ReconnectingSource, open_source
+
+FPS = 39.0
+
+
+class Wrapped:
+    """The real engine, made to misbehave on demand."""
+
+    def __init__(self, inner, *, delay_s: float = 0.0, raise_exc: bool = False, nan: bool = False) -> None:
+        self.inner, self.card, self.backend, self.backend_reason = inner, inner.card, inner.backend, None
+        self.delay_s, self.raise_exc, self.nan = delay_s, raise_exc, nan
+        self.calls = 0
+
+    def infer(self, x):
+        self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.raise_exc:
+            raise RuntimeError("injected engine failure")
+        m, s = self.inner.infer(x)
+        if self.nan:
+            m = np.full_like(m, np.nan)
+        return m, s
+
+
+class Collector:
+    """Consumes the output hub on a thread, like a viewer would, and keeps what it saw."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.p, self.items, self._stop = pipeline, [], threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            seq2, out = self.p.out.slot.get_newer(seq, timeout=0.1, take=False)
+            if out is not None and seq2 > seq:
+                self.items.append((time.monotonic(), out.meta, out.image))
+                seq = seq2
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._t.join(2)
+        return self.items
+
+    def since(self, t0: float) -> list:
+        return [it for it in self.items if it[0] >= t0]
+
+
+@pytest.fixture(scope="module")
+def engine(lung_model):
+    return engines.load(str(lung_model), backend="onnxruntime")
+
+
+def run(pipeline: Pipeline, seconds: float, warmup: float = 1.0) -> list:
+    pipeline.start()
+    c = Collector(pipeline)
+    try:
+        time.sleep(warmup)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        return c.since(t0)
+    finally:
+        c.stop()
+        pipeline.stop()
+
+
+def max_gap_ms(items) -> float:
+    t = [it[0] for it in items]
+    return max(np.diff(t)) * 1000 if len(t) > 1 else float("inf")
+
+
+def source(clip, loop=True):
+    return ReconnectingSource(lambda: open_source(str(clip), loop=loop))
+
+
+def test_fast_engine_draws_heatmaps_at_the_source_rate(demo_clip, engine):
+    p = Pipeline(source(demo_clip), engine)
+    items = run(p, 2.0)
+    assert len(items) >= 0.85 * 2.0 * FPS
+    states = [m["ai"] for _, m, _ in items]
+    assert states.count("ok") >= 0.9 * len(states)
+    lags = [m["ai_lag_ms"] for _, m, _ in items if m["ai"] == "ok"]
+    assert max(lags) <= 100
+    assert all(m["score"] is not None for _, m, _ in items if m["ai"] == "ok")
+    rec = p.records[-1]
+    for stage in ("grab", "roi", "preprocess", "infer", "postprocess", "overlay"):
+        assert stage in rec["stages_ms"] and rec["stages_ms"][stage] >= 0
+
+
+def test_slow_engine_never_slows_the_video(demo_clip, engine):
+    slow = Wrapped(engine, delay_s=0.35)
+    p = Pipeline(source(demo_clip), slow)
+    items = run(p, 2.5)
+    assert len(items) >= 0.85 * 2.5 * FPS, "raw frames must keep the source rate"
+    assert max_gap_ms(items) < 200
+    states = {m["ai"] for _, m, _ in items}
+    assert "delayed" in states and "off" not in states
+    # heatmaps are never drawn older than the allowed lag
+    assert all(m["ai_lag_ms"] is None or m["ai_lag_ms"] > 100 for _, m, _ in items if m["ai"] == "delayed")
+
+
+def test_raising_engine_gives_ai_off_and_the_video_goes_on(demo_clip, engine):
+    bad = Wrapped(engine, raise_exc=True)
+    p = Pipeline(source(demo_clip), bad, PipelineConfig(engine_retry_s=0.2))
+    p.start()
+    c = Collector(p)
+    time.sleep(1.5)
+    assert p.ai_errors >= 2 and "injected engine failure" in p.ai_reason
+    t0 = time.monotonic()
+    time.sleep(1.0)
+    during = c.since(t0)
+    bad.raise_exc = False  # the engine recovers by itself
+    time.sleep(1.5)
+    t1 = time.monotonic()
+    time.sleep(1.0)
+    after = c.since(t1)
+    c.stop()
+    p.stop()
+    assert len(during) >= 0.85 * FPS and max_gap_ms(during) < 200
+    assert {m["ai"] for _, m, _ in during} == {"off"}
+    assert [m["ai"] for _, m, _ in after].count("ok") >= 0.8 * len(after)
+
+
+def test_nan_from_the_engine_is_ai_off_not_a_crash(demo_clip, engine):
+    p = Pipeline(source(demo_clip), Wrapped(engine, nan=True), PipelineConfig(engine_retry_s=0.2))
+    items = run(p, 1.5)
+    assert len(items) >= 0.85 * 1.5 * FPS
+    assert {m["ai"] for _, m, _ in items} == {"off"}
+    assert "NaN" in p.ai_reason
+
+
+def test_engine_stall_of_two_seconds(demo_clip, engine):
+    stall = Wrapped(engine)
+    p = Pipeline(source(demo_clip), stall)
+    p.start()
+    c = Collector(p)
+    time.sleep(1.0)
+    stall.delay_s = 2.0
+    time.sleep(0.3)
+    stall.delay_s = 0.0  # the call in flight still takes 2 s
+    time.sleep(3.5)
+    items = c.stop()
+    p.stop()
+    states = [m["ai"] for _, m, _ in items]
+    assert max_gap_ms(items) < 200
+    assert "delayed" in states
+    assert states[-10:].count("ok") >= 8, "the overlay catches up after the stall"
+
+
+def test_source_that_ends_gives_no_signal_frames(tmp_path, demo_clip):
+    # a non-looping short clip: the bundled one cut to 20 frames
+    import av
+
+    short = tmp_path / "short.mp4"
+    with av.open(str(demo_clip)) as inp, av.open(str(short), "w") as out:
+        s = out.add_stream("mpeg4", rate=25)
+        s.width, s.height, s.pix_fmt = 450, 450, "yuv420p"
+        for i, fr in enumerate(inp.decode(video=0)):
+            if i == 20:
+                break
+            new = av.VideoFrame.from_ndarray(fr.to_ndarray(format="bgr24"), format="bgr24")
+            new.pts = i
+            for pkt in s.encode(new.reformat(format="yuv420p")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+    p = Pipeline(ReconnectingSource(lambda: open_source(str(short)), backoff_max=0.5),
+                 None, PipelineConfig(no_signal_after_ms=300, fallback_fps=30))
+    p.start()
+    c = Collector(p)
+    time.sleep(2.5)
+    items = c.stop()
+    p.stop()
+    signal = [m["signal"] for _, m, _ in items]
+    assert signal[0] is True and signal[-1] is False
+    tail = [it for it in items if not it[1]["signal"]]
+    assert len(tail) >= 20  # NO SIGNAL frames keep coming at about the nominal rate
+    assert max_gap_ms(tail) < 200
+    assert tail[-1][2].shape[:2] == (450, 450)

@@ -1,0 +1,5 @@
+import sys
+
+from sonomaly.tools.cli import main
+
+sys.exit(main())
