@@ -9,11 +9,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from importlib import resources
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from sonomaly.stream.pipeline import Pipeline
 from sonomaly.stream.webrtc import OfferError, WebRTCServer, parse_offer
@@ -52,6 +53,10 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
     async def viewer() -> HTMLResponse:
         return HTMLResponse(viewer_page, headers={"Cache-Control": "no-store"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
     @app.post("/offer", summary="WebRTC offer → answer (JSON {sdp, type})")
     async def offer(request: Request) -> JSONResponse:
         body = await request.body()
@@ -63,6 +68,17 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
         except OfferError as exc:
             raise HTTPException(400, str(exc)) from None
         return JSONResponse({"sdp": answer.sdp, "type": answer.type})
+
+    @app.get("/api/records", summary="Per-frame timing records (capture, stage times, AI state) of recent frames")
+    async def records(since_frame_id: int = -1, limit: int = 2000) -> dict:
+        """Records of composed frames with ``frame_id > since_frame_id``, oldest first.
+
+        ``clock`` pairs the server's monotonic clock with the wall clock, read at the same moment, so a receiver on
+        the same host (e.g. a browser, whose timestamps are wall-clock based) can put both on one time line.
+        """
+        items = [r for r in list(pipeline.records) if r["frame_id"] is not None and r["frame_id"] > since_frame_id]
+        clock = {"monotonic_ns": time.monotonic_ns(), "unix_ns": time.time_ns()}
+        return {"clock": clock, "records": items[-max(1, min(limit, 10_000)):]}
 
     @app.get("/health", summary="Pipeline, AI and viewer state")
     async def health() -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
 DEMO_MODEL = REPO / "models" / "lung"
+PLUGIN_COMMANDS: tuple[str, ...] = ()
 LIVE_PREFIXES = ("device:", "/dev/video", "rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+
+    # Further commands live beside the code they drive: each module has register(subparsers), which adds its parser
+    # with set_defaults(func=run), run(args) -> exit code.
+    for name in PLUGIN_COMMANDS:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, source, model, loop=True)
     if args.command == "serve":
         return _serve(args, args.source, args.model, loop=args.loop)
+    if hasattr(args, "func"):
+        return int(args.func(args) or 0)
     if args.command == "train":
         from sonomaly.engines.train import train
 
