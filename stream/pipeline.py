@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -219,7 +218,6 @@ class Pipeline:
         from sonomaly.engines.processing import postprocess, preprocess
 
         seq = 0
-        last_region: ScanRegion | None = None
         while not self._stop.is_set():
             seq, frame = self.grabber.slot.get_newer(seq, timeout=0.2, take=False)
             if frame is None or self._stop.is_set() or not frame.signal:
@@ -232,11 +230,7 @@ class Pipeline:
             t = now_ns()
             self._working_on = (frame.id, t)
             try:
-                region = self.tracker.update(frame.image)
-                if region is not last_region:
-                    last_region = region
-                    if self._smoother is not None:
-                        self._smoother.reset()
+                region = self.tracker.update(frame.image)  # the smoother resets itself on a region change
                 t1 = now_ns()
                 stages["roi"] = (t, t1)
                 x = preprocess(frame.image, region, engine.card)
@@ -245,11 +239,11 @@ class Pipeline:
                 raw_map, raw_score = engine.infer(x)
                 t3 = now_ns()
                 stages["infer"] = (t2, t3)
-                amap, score = postprocess(raw_map, raw_score, region, engine.card, frame.image.shape[:2])
-                if not math.isfinite(score) or not np.isfinite(amap).all():
+                if not (np.isfinite(raw_map).all() and np.isfinite(raw_score).all()):
                     raise FloatingPointError("engine returned NaN or inf")
+                amap, score = postprocess(raw_map, raw_score, region, engine.card, frame.image.shape[:2])
                 if self._smoother is not None:
-                    amap = self._smoother.update(amap)
+                    amap = self._smoother.update(amap, region)
                 t4 = now_ns()
                 stages["postprocess"] = (t3, t4)
             except Exception as exc:  # no model exception ever stops the video
@@ -301,10 +295,17 @@ class Pipeline:
             return ai
         working = self._working_on
         ema = self._ai_ms_ema
-        if working is not None and working[0] == frame.id and ema is not None and self.config.ai_wait_ms > 0:
-            # wait only when the worker is on this very frame and should finish inside the window
+        if ema is not None and self.config.ai_wait_ms > 0 and not self.ai_failing:
+            # Wait only when the worker is on this very frame (or idle, so about to take it) and its recent time per
+            # frame says it will finish inside the window; a busy or slow worker costs no waiting at all.
+            if working is None:
+                expected = now_ns() + int(ema * 1.2e6)
+            elif working[0] == frame.id:
+                expected = working[1] + int(ema * 1.2e6)
+            else:
+                return ai
             deadline = frame.t_capture_ns + int(self.config.ai_wait_ms * 1e6)
-            if working[1] + int(ema * 1.2e6) > deadline:
+            if expected > deadline:
                 return ai
             wait_s = (deadline - now_ns()) / 1e9
             while wait_s > 0:
@@ -393,9 +394,11 @@ class Pipeline:
 
     def _hud_lines(self, frame: Frame) -> list[str]:
         fps = self.output_fps()
-        latency_ms = (now_ns() - frame.t_capture_ns) / 1e6
+        last = self.records[-1] if self.records else None
+        # capture → composed of the previous frame (this one is not composed yet); the network part is the viewer's
+        latency = f"{(last['t_composed_ns'] - last['t_capture_ns']) / 1e6:3.0f} ms" if last else "  – ms"
         backend = getattr(self._engine, "backend", None) or "none"
-        return [f"{fps:4.1f} fps  {latency_ms:4.0f} ms", f"{backend} | {self.model_name or 'no model'}"]
+        return [f"{fps:4.1f} fps  pipeline {latency}", f"{backend} | {self.model_name or 'no model'}"]
 
     # ----------------------------------------------------------------------------------------------- status
     def output_fps(self) -> float:

@@ -14,7 +14,9 @@ URI forms understood by :func:`open_source`:
 * ``rtsp://``, ``rtsps://``, ``rtmp://``, ``rtmps://``, ``http://``, ``https://``, ``udp://``, ``tcp://``, ``srt://``
   (including MJPEG over HTTP, multipart/x-mixed-replace) -> :class:`NetworkSource` (PyAV, with timeouts);
 * a directory -> :class:`FolderSource` (png/jpg/jpeg/bmp/tif/tiff/dcm, natural name order, 10 fps by default);
-* ``*.dcm`` / ``*.dicom``, a file with the DICM signature, or ``dicom:...`` -> :class:`DicomSource`.
+* ``*.dcm`` / ``*.dicom``, a file with the DICM signature, or ``dicom:...`` -> :class:`DicomSource`;
+* ``stamp:<any of the above>`` -> the same source with each frame's id drawn as a barcode
+  (:class:`sonomaly.stream.stamp.StampSource`, for the latency harness).
 
 Local sources (file, folder, DICOM) accept ``?fps=N`` after the path to override their nominal rate, e.g.
 ``/data/frames?fps=5``. Local sources are paced to their fps when ``realtime=True`` (absolute schedule on the
@@ -720,6 +722,11 @@ def open_source(uri: str | os.PathLike[str], *, loop: bool = False, realtime: bo
     if not isinstance(uri, str) or not uri.strip():
         raise SourceError(f"empty or invalid source URI {uri!r}")
     raw = uri.strip()
+
+    if raw[:6].lower() == "stamp:":  # frame-id barcode for the latency harness (sonomaly.stream.stamp)
+        from sonomaly.stream.stamp import StampSource
+
+        return StampSource(open_source(raw[6:], loop=loop, realtime=realtime))
 
     m = _DEVICE_RE.match(raw)
     if m:

@@ -123,13 +123,12 @@ def test_tiny_conv_ae_trains_and_exports(tmp_path):
 
 def test_training_is_deterministic(tiny_model, tmp_path):
     model_dir, card = tiny_model
-    data = [Path(f["file"]) for f in card.training["data"]]
-    src = model_dir.parent / "normal"
-    card2 = train("patch_gaussian", src, tmp_path / "again", size=64, seed=0, val_fraction=0.25,
-                  region_fn=full_region, family_config=dict(dim=16, bands=2, widths=[8, 16, 16, 16]), progress=False)
-    assert len(data) == 16
+    card2 = train("patch_gaussian", model_dir.parent / "normal", tmp_path / "again", size=64, seed=0,
+                  val_fraction=0.25, region_fn=full_region, family_config=dict(dim=16, bands=2, widths=[8, 16, 16, 16]),
+                  progress=False)
     assert card2.map_normalisation == card.map_normalisation
-    assert card2.sha256["torch"] == card.sha256["torch"] or card2.score_normalisation == card.score_normalisation
+    assert card2.score_normalisation == card.score_normalisation
+    assert card2.sha256["onnx"] == card.sha256["onnx"]
 
 
 def test_auroc():
@@ -172,7 +171,7 @@ def lungish_frames(n=6, h=480, w=640):
     mask = np.zeros((h, w), np.uint8)
     cv2.ellipse(mask, (w // 2, 20), (420, 420), 0, 45, 135, 255, -1)
     ys, xs = np.nonzero(mask)
-    region = ScanRegion((int(xs.min()), int(ys.min()), int(xs.ptp() + 1), int(ys.ptp() + 1)), mask, "sector")
+    region = ScanRegion((int(xs.min()), int(ys.min()), int(np.ptp(xs) + 1), int(np.ptp(ys) + 1)), mask, "sector")
     frames = []
     for i in range(n):
         rng = np.random.default_rng(i)

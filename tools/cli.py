@@ -10,7 +10,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
 DEMO_MODEL = REPO / "models" / "lung"
-PLUGIN_COMMANDS: tuple[str, ...] = ()
+PLUGIN_COMMANDS: tuple[str, ...] = ("sonomaly.tools.latency",)
 LIVE_PREFIXES = ("device:", "/dev/video", "rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
@@ -24,6 +24,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="STUN/TURN server for WebRTC (repeatable; none by default: closed networks)")
     p.add_argument("--max-ai-lag-ms", type=float, default=100.0,
                    help="draw a heatmap only if it is younger than this (default 100)")
+    p.add_argument("--ai-wait-ms", type=float, default=15.0,
+                   help="wait up to this long after capture for the heatmap of the same frame when the model is "
+                        "fast enough (default 15; 0 draws the newest heatmap at once)")
     p.add_argument("--no-hud", action="store_true", help="hide the HUD (fps, latency, backend, model)")
     p.add_argument("--log-level", default="info")
 
@@ -76,7 +79,7 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended
     live = source_uri.startswith(LIVE_PREFIXES)
     source = ReconnectingSource(lambda: open_source(source_uri, loop=loop), reconnect_on_end=live)
-    config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, hud=not args.no_hud)
+    config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms, hud=not args.no_hud)
     pipeline = Pipeline(source, engine, config)
     app = create_app(pipeline, ice_servers=args.ice_server)
     print(f"Sonomaly: streaming {source_uri} — open http://{args.host}:{args.port}/ in a browser", flush=True)

@@ -1,6 +1,7 @@
 """Small convolutional autoencoder: anomaly map = local reconstruction error of the z-scored image.
 
-Trained from scratch on normal frames (masked L2 loss inside the scan).  The map is the mean absolute residual in
+Trained from scratch on normal frames (masked L2 loss inside the scan); convs pad by reflection so the crop border is
+not an anomaly.  The map is the mean absolute residual in
 4x4 cells (``[1,1,H/4,W/4]``); the score is the mean of the top-k cells inside the eroded scan mask (in-graph).
 Input: ``[1, 2, H, W]`` (z-scored grayscale, 0/1 scan mask).
 """
@@ -20,7 +21,7 @@ FAMILY = "conv_ae"
 
 
 def _block(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, padding_mode="reflect"), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class ConvAE(nn.Module):
@@ -49,7 +50,7 @@ class ConvAE(nn.Module):
         for w in reversed(self.widths[:-1]):
             dec += [nn.Upsample(scale_factor=2, mode="nearest"), _block(cin, w, 1)]
             cin = w
-        dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, 1, 3, 1, 1)]
+        dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, 1, 3, 1, 1, padding_mode="reflect")]
         self.dec = nn.Sequential(*dec)
 
     def config(self) -> dict:

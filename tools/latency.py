@@ -1,0 +1,1016 @@
+"""``sonomaly latency``: glass-to-glass latency of a live stream, measured in real receivers on the host clock.
+
+How (details in docs/LATENCY.md):
+
+1. The server streams a ``stamp:<uri>`` source: each frame carries its id as a barcode (:mod:`sonomaly.stream.stamp`),
+   and the server records each id's capture time and stage times (``GET /api/records``, polled during the run).
+2. Viewers connect like any viewer (``POST /offer``) and read the barcode of every frame they show:
+
+   * ``chromium`` — headless Chromium (Debian's): ``requestVideoFrameCallback`` gives each frame's expected display
+     time; the code is read from canvas pixels. Browser times (``performance.timeOrigin`` + metadata, corrected
+     against ``Date.now()`` edges) are wall-clock; ``/api/records``' ``clock`` pair maps them onto the server's
+     monotonic clock. Receive time (last packet in) splits the remainder into send+network and jitter buffer+decode+
+     paint; ``getStats()`` adds jitter-buffer and decode averages;
+   * ``aiortc`` — headless aiortc receivers in this process: time = ``time.monotonic_ns()`` when the decoded frame is
+     handed over (the same clock as the server: same host).
+
+3. Glass-to-glass = presentation time − capture time, per frame, per viewer, in a window after a warm-up.
+
+Report: p50/p95/p99/max, tail (max − p95), flatness (p90 − p10), received fps, frames lost, stage breakdown, per
+viewer; per-window percentiles (drift); JSON and PNG. Exit status 1 when the p99 of the server under test exceeds
+``--budget-ms`` (the ``--baseline`` never sets the exit status), 3 when nothing could be measured.
+
+    sonomaly latency --serve data/demo/lung_convex_covid_blines_01.mp4 --model models/lung --fps 30 \\
+        --viewers 1,4,8 --baseline naive --json out.json --plot out.png
+    sonomaly latency --url http://127.0.0.1:8080      # a server already streaming a stamp: source
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sonomaly.stream import stamp
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--disable-quic", "--autoplay-policy=no-user-gesture-required",
+    "--disable-features=WebRtcHideLocalIpsWithMdns",
+    # several viewers = several windows: none of them may be throttled as "in the background"
+    "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+]
+HARNESS_PATH = "/__sonomaly_latency__"
+SERIAL_STAGES = {
+    # stages on the path of the frame from capture to the encoder, in order
+    "sonomaly": ("grab", "ai_wait", "overlay"),
+    "naive": ("queue", "roi", "preprocess", "infer", "postprocess", "overlay"),
+}
+PARALLEL_STAGES = {"sonomaly": ("roi", "preprocess", "infer", "postprocess"), "naive": ()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values, q) -> float | None:
+    return None if len(values) == 0 else float(np.percentile(values, q))
+
+
+def summarise(values_ms) -> dict[str, Any]:
+    """p50/p95/p99/max (+ min, mean, p10, p90), tail = max − p95, flatness = p90 − p10, all in ms."""
+    v = np.asarray(values_ms, float)
+    if v.size == 0:
+        return {"n": 0}
+    p = {q: float(np.percentile(v, q)) for q in (10, 50, 90, 95, 99)}
+    out = {"n": int(v.size), "min": float(v.min()), "mean": float(v.mean()), "p10": p[10], "p50": p[50],
+           "p90": p[90], "p95": p[95], "p99": p[99], "max": float(v.max())}
+    out["tail"] = out["max"] - p[95]
+    out["flatness"] = p[90] - p[10]
+    return {k: (round(x, 3) if isinstance(x, float) else x) for k, x in out.items()}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+                            "platform": platform.platform(), "loadavg_at_start": list(os.getloadavg())}
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    for mod in ("aiortc", "av", "numpy", "onnxruntime"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# servers under test
+# ---------------------------------------------------------------------------------------------------------------------
+def stamped(uri: str, fps: float | None = None) -> str:
+    if fps and "?fps=" not in uri:
+        uri = f"{uri}?fps={fps:g}"
+    return uri if uri.startswith(stamp.PREFIX) else stamp.PREFIX + uri
+
+
+class ServerProcess:
+    """``sonomaly serve`` (or the naive baseline) on a free port in a subprocess; ready when frames come in."""
+
+    def __init__(self, kind: str, source: str, model: str | None, *, extra: list[str] | None = None,
+                 ready_timeout: float = 90.0) -> None:
+        self.kind = kind
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        if kind == "sonomaly":
+            cmd = [sys.executable, "-m", "sonomaly.tools", "serve", "--source", source, "--loop"]
+        elif kind == "naive":
+            cmd = [sys.executable, "-m", "sonomaly.tools.naive", "--source", source]
+        else:
+            raise ValueError(f"unknown server kind {kind!r}")
+        cmd += ["--port", str(self.port), "--log-level", "warning", *(["--model", model] if model else []),
+                *(extra or [])]
+        self.cmd = cmd
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{kind} server exited early:\n{self.output()}")
+            try:
+                if get_json(self.url + "/health", 2.0).get("frames_in", 0) > 0:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{kind} server did not become ready in {ready_timeout:.0f} s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RecordPoller:
+    """Polls ``/api/records`` in a thread, accumulating every frame record (the server keeps only recent ones)."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        self.url = url.rstrip("/")
+        self.interval = interval
+        self.records: dict[int, dict] = {}
+        self.offsets_ns: list[int] = []  # unix − monotonic, from each response's clock pair
+        self.errors = 0
+        self._last = -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="latency-records", daemon=True)
+
+    def start(self) -> "RecordPoller":
+        self.poll()
+        self._thread.start()
+        return self
+
+    def poll(self) -> None:
+        while True:
+            try:
+                data = get_json(f"{self.url}/api/records?since_frame_id={self._last}&limit=10000", 10.0)
+            except OSError:
+                self.errors += 1
+                return
+            clock = data.get("clock") or {}
+            if "unix_ns" in clock and "monotonic_ns" in clock:
+                self.offsets_ns.append(int(clock["unix_ns"]) - int(clock["monotonic_ns"]))
+            recs = data.get("records") or []
+            for r in recs:
+                fid = r.get("frame_id")
+                if isinstance(fid, int):
+                    self.records[fid] = r
+                    self._last = max(self._last, fid)
+            if len(recs) < 10000:
+                return
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.poll()
+
+    @property
+    def offset_ns(self) -> int:
+        """unix_ns − monotonic_ns on the server host (median of all clock pairs)."""
+        if not self.offsets_ns:
+            raise RuntimeError(f"{self.url}/api/records gave no clock pair")
+        return int(np.median(self.offsets_ns))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# viewers
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ViewerData:
+    """What one viewer saw: ``samples`` rows ``(code, t_shown_ns, t_receive_ns, t_presented_ns, presented_count)``
+    (-1: unknown; the count is Chromium's ``presentedFrames``),
+    times of frames whose code could not be read, and receiver statistics. Chromium's times are unix ns until
+    :func:`measure` maps them onto the server's monotonic clock; aiortc's are monotonic from the start."""
+
+    kind: str
+    index: int
+    samples: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    unreadable: list[int] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+    bracket: tuple[int, int] | None = None  # (round trip ns, host monotonic − browser unix ns), a cross-check
+    error: str | None = None
+
+
+HARNESS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>sonomaly latency viewer</title></head>
+<body style="margin:0;background:#000">
+<video id="v" autoplay muted playsinline></video>
+<script>
+"use strict";
+const S = %(decoder)s;
+window.harness = (() => {
+  const video = document.getElementById("v");
+  const canvas = document.createElement("canvas");
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  const h = { state: "new", samples: [], unreadable: [], callbacks: 0, error: null };
+  let pc = null;
+  function onFrame(now, md) {
+    h.callbacks++;
+    try {
+      const w = md.width || video.videoWidth, ht = md.height || video.videoHeight;
+      const lay = S.layout(ht, w);
+      let id = null;
+      if (lay) {
+        if (canvas.width !== lay.width || canvas.height !== lay.height) {
+          canvas.width = lay.width; canvas.height = lay.height;
+        }
+        ctx.drawImage(video, lay.x0, lay.y0, lay.width, lay.height, 0, 0, lay.width, lay.height);
+        id = S.decode(ctx.getImageData(0, 0, lay.width, lay.height).data, lay.width, lay, lay.x0, lay.y0);
+      }
+      // headless Chromium can put expectedDisplayTime a fraction of a ms before presentationTime: take the later
+      const shown = Math.max(md.expectedDisplayTime, md.presentationTime || 0);
+      if (id === null) h.unreadable.push(shown);
+      else h.samples.push([id, shown, md.receiveTime === undefined ? -1 : md.receiveTime, md.presentationTime,
+                           md.presentedFrames]);
+    } catch (e) { h.error = String(e); }
+    video.requestVideoFrameCallback(onFrame);
+  }
+  video.requestVideoFrameCallback(onFrame);
+  h.start = async (codec) => {
+    pc = new RTCPeerConnection({ iceServers: [] });
+    const tr = pc.addTransceiver("video", { direction: "recvonly" });
+    if (codec) {
+      const all = RTCRtpReceiver.getCapabilities("video").codecs;
+      const want = all.filter(c => c.mimeType.toLowerCase() === "video/" + codec.toLowerCase());
+      if (!want.length) throw new Error("codec not supported by this browser: " + codec);
+      tr.setCodecPreferences([...want, ...all.filter(c => !want.includes(c))]);
+    }
+    pc.ontrack = ev => { video.srcObject = ev.streams[0] || new MediaStream([ev.track]); };
+    pc.onconnectionstatechange = () => { h.state = pc.connectionState; };
+    await pc.setLocalDescription(await pc.createOffer());
+    if (pc.iceGatheringState !== "complete") {
+      await new Promise(resolve => {
+        const t = setTimeout(resolve, 3000);
+        pc.addEventListener("icegatheringstatechange", () => {
+          if (pc.iceGatheringState === "complete") { clearTimeout(t); resolve(); }
+        });
+      });
+    }
+    const res = await fetch("/offer", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }) });
+    if (!res.ok) throw new Error("offer rejected: " + res.status + " " + await res.text());
+    await pc.setRemoteDescription(await res.json());
+    return true;
+  };
+  h.take = () => { const out = { samples: h.samples, unreadable: h.unreadable, callbacks: h.callbacks,
+                                 error: h.error, state: h.state };
+                   h.samples = []; h.unreadable = []; return out; };
+  // Date.now() − (timeOrigin + performance.now()), read right at Date.now() millisecond edges (median of n).
+  h.calibrate = (n) => {
+    const d = [];
+    for (let i = 0; i < n; i++) {
+      const a = Date.now(); let b, p;
+      do { b = Date.now(); p = performance.now(); } while (b === a);
+      d.push(b - (performance.timeOrigin + p));
+    }
+    d.sort((x, y) => x - y);
+    return { timeOrigin: performance.timeOrigin, offset: d[Math.floor(d.length / 2)],
+             spread: d[d.length - 1] - d[0] };
+  };
+  h.stats = async () => {
+    const out = {};
+    if (!pc) return out;
+    const rep = await pc.getStats();
+    const codecs = {};
+    rep.forEach(s => { if (s.type === "codec") codecs[s.id] = s.mimeType; });
+    rep.forEach(s => {
+      if (s.type === "inbound-rtp" && s.kind === "video") {
+        for (const k of ["framesReceived", "framesDecoded", "framesDropped", "keyFramesDecoded", "totalDecodeTime",
+                         "jitterBufferDelay", "jitterBufferEmittedCount", "jitterBufferTargetDelay",
+                         "totalProcessingDelay", "totalAssemblyTime", "framesAssembledFromMultiplePackets",
+                         "packetsLost", "packetsReceived", "bytesReceived", "freezeCount", "totalFreezesDuration",
+                         "pauseCount", "nackCount", "pliCount", "firCount", "frameWidth", "frameHeight",
+                         "framesPerSecond", "decoderImplementation"]) if (s[k] !== undefined) out[k] = s[k];
+        out.codec = codecs[s.codecId] || null;
+      }
+    });
+    return out;
+  };
+  return h;
+})();
+</script></body></html>
+""" % {"decoder": stamp.JS_DECODER}
+
+
+def _stats_delta(a: dict, b: dict) -> dict[str, Any]:
+    """Receiver statistics over the measurement window (differences of Chromium's cumulative counters)."""
+    out: dict[str, Any] = {k: b.get(k) for k in ("codec", "decoderImplementation", "frameWidth", "frameHeight")
+                           if b.get(k) is not None}
+
+    def d(k):
+        return (b.get(k) or 0) - (a.get(k) or 0)
+
+    for k in ("framesReceived", "framesDecoded", "framesDropped", "packetsLost", "freezeCount", "nackCount",
+              "pliCount", "keyFramesDecoded"):
+        if k in b:
+            out[k] = d(k)
+    if d("framesDecoded") > 0:
+        out["decode_ms_avg"] = round(1000 * d("totalDecodeTime") / d("framesDecoded"), 3)
+        if "totalProcessingDelay" in b:
+            out["processing_delay_ms_avg"] = round(1000 * d("totalProcessingDelay") / d("framesDecoded"), 3)
+    if d("jitterBufferEmittedCount") > 0:
+        out["jitter_buffer_ms_avg"] = round(1000 * d("jitterBufferDelay") / d("jitterBufferEmittedCount"), 3)
+        if "jitterBufferTargetDelay" in b:
+            out["jitter_buffer_target_ms_avg"] = round(
+                1000 * d("jitterBufferTargetDelay") / d("jitterBufferEmittedCount"), 3)
+    if "bytesReceived" in b:
+        out["kbit_per_s"] = None  # filled in by the caller (needs the window length)
+        out["_bytes"] = d("bytesReceived")
+    if "totalFreezesDuration" in b:
+        out["freezes_s"] = round(d("totalFreezesDuration"), 3)
+    return out
+
+
+class Window:
+    """The measurement window on the server's monotonic clock, fixed once every viewer shows frames."""
+
+    def __init__(self) -> None:
+        self.t0_ns: int | None = None
+        self.t1_ns: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        return (self.t1_ns - self.t0_ns) / 1e9
+
+
+def _progress(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
+                     quiet: bool = False, connect_timeout: float = 40.0) -> list[ViewerData]:
+    """Open ``n`` headless Chromium viewers on ``url``; collect ``seconds`` after ``warmup``."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    url = url.rstrip("/")
+    viewers = [ViewerData("chromium", i) for i in range(n)]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            pages = []
+            for i in range(n):
+                ctx = browser.new_context(viewport={"width": 640, "height": 520})
+                page = ctx.new_page()
+                page.route(url + HARNESS_PATH, lambda route: route.fulfill(status=200, content_type="text/html",
+                                                                          body=HARNESS_PAGE))
+                page.goto(url + HARNESS_PATH)
+                page.evaluate("codec => window.harness.start(codec)", codec)
+                pages.append(page)
+            deadline = time.monotonic() + connect_timeout
+            while any(page.evaluate("window.harness.samples.length") == 0 for page in pages):
+                if time.monotonic() > deadline:
+                    states = [page.evaluate("[window.harness.state, window.harness.error]") for page in pages]
+                    raise RuntimeError(f"Chromium viewers show no decodable frames after {connect_timeout:.0f} s "
+                                       f"(state, error per viewer: {states})")
+                time.sleep(0.2)
+            _progress(f"  {n} Chromium viewer(s) showing frames; warm-up {warmup:g} s", quiet)
+            time.sleep(warmup)
+            cal0 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
+            st0 = [page.evaluate("window.harness.stats()") for page in pages]
+            for page in pages:
+                page.evaluate("window.harness.take()")  # drop the warm-up
+            window.t0_ns = time.monotonic_ns()
+            raw: list[list[dict]] = [[] for _ in pages]
+            end = time.monotonic() + seconds
+            last_report = time.monotonic()
+            while True:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(left, 5.0))
+                for i, page in enumerate(pages):
+                    raw[i].append(page.evaluate("window.harness.take()"))
+                if time.monotonic() - last_report >= 60 and not quiet:
+                    last_report = time.monotonic()
+                    _progress(f"  ... {seconds - max(0.0, end - time.monotonic()):.0f} / {seconds:g} s", quiet)
+            window.t1_ns = time.monotonic_ns()
+            st1 = [page.evaluate("window.harness.stats()") for page in pages]
+            cal1 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
+            for i, page in enumerate(pages):
+                raw[i].append(page.evaluate("window.harness.take()"))
+                v = viewers[i]
+                origin = cal0[i]["timeOrigin"]
+                off_ms = (cal0[i]["offset"] + cal1[i]["offset"]) / 2.0
+                v.stats = _stats_delta(st0[i], st1[i])
+                v.stats["clock_calibration_ms"] = {"offset_start": round(cal0[i]["offset"], 4),
+                                                   "offset_end": round(cal1[i]["offset"], 4),
+                                                   "spread": round(max(cal0[i]["spread"], cal1[i]["spread"]), 4)}
+                # performance-timeline ms → unix ns; the caller maps unix → server monotonic
+                def unix_ns(t_ms: float) -> int:
+                    return int(round((origin + t_ms + off_ms) * 1e6))
+
+                for chunk in raw[i]:
+                    for code, shown, received, presented, count in chunk["samples"]:
+                        v.samples.append((int(code), unix_ns(shown), unix_ns(received) if received >= 0 else -1,
+                                          unix_ns(presented) if presented and presented > 0 else -1, int(count)))
+                    v.unreadable.extend(unix_ns(t) for t in chunk["unreadable"])
+                    if chunk.get("error"):
+                        v.error = chunk["error"]
+                v.bracket = _bracket(page, origin + off_ms)
+        finally:
+            browser.close()
+    return viewers
+
+
+def _bracket(page, base_ms: float, tries: int = 15) -> tuple[int, int]:
+    """Cross-check of the clock mapping: read the browser's clock between two reads of this host's monotonic clock;
+    the shortest round trip wins. Returns (round trip ns, host monotonic ns − browser unix ns)."""
+    best = None
+    for _ in range(tries):
+        a = time.monotonic_ns()
+        t = page.evaluate("performance.now()")
+        b = time.monotonic_ns()
+        cand = (b - a, (a + b) // 2 - int(round((base_ms + t) * 1e6)))
+        if best is None or cand[0] < best[0]:
+            best = cand
+    return best
+
+
+async def _aiortc_viewer(url: str, v: ViewerData, codec: str | None, stop: asyncio.Event,
+                         first: asyncio.Event) -> None:
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError
+
+    from sonomaly.tools.client import _post_json
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    tr = pc.addTransceiver("video", direction="recvonly")
+    if codec:
+        caps = RTCRtpReceiver.getCapabilities("video").codecs
+        want = [c for c in caps if c.mimeType.lower() == f"video/{codec.lower()}"]
+        if not want:
+            raise RuntimeError(f"aiortc does not support codec {codec}")
+        tr.setCodecPreferences(want + [c for c in caps if c not in want])
+    done = asyncio.Event()
+
+    async def consume(track) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    frame = await asyncio.wait_for(track.recv(), 5.0)
+                except (MediaStreamError, asyncio.TimeoutError):
+                    break
+                t = time.monotonic_ns()
+                gray = frame.to_ndarray(format="gray")
+                code = stamp.decode(gray)
+                if code is None:
+                    v.unreadable.append(t)
+                else:
+                    v.samples.append((code, t, -1, -1, -1))
+                    first.set()
+        finally:
+            done.set()
+
+    @pc.on("track")
+    def _track(track) -> None:
+        asyncio.ensure_future(consume(track))
+
+    await pc.setLocalDescription(await pc.createOffer())
+    loop = asyncio.get_running_loop()
+    answer = await loop.run_in_executor(None, _post_json, url + "/offer",
+                                        {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type})
+    await pc.setRemoteDescription(RTCSessionDescription(**answer))
+    try:
+        await done.wait()
+    finally:
+        await pc.close()
+
+
+def collect_aiortc(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
+                   quiet: bool = False, connect_timeout: float = 40.0) -> list[ViewerData]:
+    """``n`` aiortc receivers in this process (times are already on the server's monotonic clock: same host)."""
+    url = url.rstrip("/")
+    viewers = [ViewerData("aiortc", i) for i in range(n)]
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        firsts = [asyncio.Event() for _ in viewers]
+        tasks = [asyncio.ensure_future(_aiortc_viewer(url, v, codec, stop, f)) for v, f in zip(viewers, firsts)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), connect_timeout)
+            _progress(f"  {n} aiortc viewer(s) showing frames; warm-up {warmup:g} s", quiet)
+            await asyncio.sleep(warmup)
+            window.t0_ns = time.monotonic_ns()
+            await asyncio.sleep(seconds)
+            window.t1_ns = time.monotonic_ns()
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"aiortc viewers show no decodable frames after {connect_timeout:.0f} s") from None
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    for v in viewers:  # keep only the window (the collectors ran from the first frame)
+        v.samples = [s for s in v.samples if window.t0_ns <= s[1] <= window.t1_ns]
+        v.unreadable = [t for t in v.unreadable if window.t0_ns <= t <= window.t1_ns]
+    return viewers
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# analysis
+# ---------------------------------------------------------------------------------------------------------------------
+def _stage_table(rows: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    keys = sorted({k for r in rows for k in r})
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r and r[k] is not None and math.isfinite(r[k])]
+        if vals:
+            out[k] = {"mean": round(float(np.mean(vals)), 3), "p50": round(pct(vals, 50), 3),
+                      "p95": round(pct(vals, 95), 3), "p99": round(pct(vals, 99), 3)}
+    return out
+
+
+def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], window: Window, *,
+            budget_ms: float, window_s: float | None = None) -> dict[str, Any]:
+    """Match what the viewers showed with the server's records; percentiles overall, per viewer and per window."""
+    by_code: dict[int, dict] = {}
+    for fid, r in records.items():
+        by_code[fid & stamp.ID_MASK] = r  # ids are unique within 2**24 frames (6 days at 30 fps)
+    t0, t1 = window.t0_ns, window.t1_ns
+    seconds = (t1 - t0) / 1e9
+    serial = SERIAL_STAGES.get(server, ())
+    parallel = PARALLEL_STAGES.get(server, ())
+    pooled_g2g: list[float] = []
+    pooled_rows: list[dict[str, float]] = []
+    pooled_parallel: list[dict[str, float]] = []
+    timeline: list[tuple[float, float, int]] = []
+    per_viewer = []
+    totals = {"frames": 0, "lost": 0, "lost_at_server": 0, "lost_after_server": 0, "unreadable": 0, "unmatched": 0,
+              "shown_not_timed": 0}
+    for v in viewers:
+        seen: set[int] = set()
+        g2g: list[float] = []
+        ids: list[int] = []
+        unmatched = 0
+        missed_callbacks = 0  # frames Chromium presented without a requestVideoFrameCallback for them
+        last_count = None
+        for code, t_show, t_recv, t_pres, count in v.samples:
+            if not (t0 <= t_show <= t1):
+                continue
+            if count >= 0:
+                if last_count is not None and count > last_count + 1:
+                    missed_callbacks += count - last_count - 1
+                last_count = count
+            rec = by_code.get(code)
+            if rec is None:
+                unmatched += 1
+                continue
+            fid = rec["frame_id"]
+            if fid in seen:
+                continue
+            seen.add(fid)
+            ids.append(fid)
+            lat = (t_show - rec["t_capture_ns"]) / 1e6
+            server_ms = (rec["t_composed_ns"] - rec["t_capture_ns"]) / 1e6
+            stages = rec.get("stages_ms") or {}
+            row = {k: float(stages[k]) for k in serial if k in stages}
+            row["server_total"] = server_ms
+            row["server_other"] = server_ms - sum(row.get(k, 0.0) for k in serial)
+            row["after_server"] = lat - server_ms
+            if t_recv > 0:
+                row["send_network"] = (t_recv - rec["t_composed_ns"]) / 1e6
+                if t_pres > 0:
+                    row["jitter_decode"] = (t_pres - t_recv) / 1e6
+                    row["paint"] = (t_show - t_pres) / 1e6
+                else:
+                    row["jitter_decode_paint"] = (t_show - t_recv) / 1e6
+            pooled_rows.append(row)
+            par = {k: float(stages[k]) for k in parallel if k in stages}
+            if par:
+                pooled_parallel.append(par)
+            g2g.append(lat)
+            timeline.append(((t_show - t0) / 1e9, lat, v.index))
+        lost_server = lost_after = 0
+        if ids:
+            lo, hi = min(ids), max(ids)
+            for fid in range(lo, hi + 1):
+                if fid not in seen:
+                    if fid in records:
+                        lost_after += 1
+                    else:
+                        lost_server += 1
+        unreadable = sum(1 for t in v.unreadable if t0 <= t <= t1)
+        missing = lost_server + lost_after
+        # Chromium presented some frames without a callback for them (its frame counter jumped): shown, not timed
+        missed = min(missed_callbacks, lost_after)
+        lost = missing - missed
+        entry = {"viewer": v.index, "kind": v.kind, "glass_to_glass_ms": summarise(g2g),
+                 "received_fps": round((len(g2g) + missed) / seconds, 2) if seconds > 0 else None,
+                 "frames": len(g2g), "frames_lost": lost, "lost_at_server": lost_server,
+                 "lost_after_server": lost_after - missed, "shown_not_timed": missed, "unreadable": unreadable,
+                 "unmatched": unmatched, "lost_pct": round(100.0 * lost / max(1, missing + len(g2g)), 3)}
+        if v.stats:
+            stats = dict(v.stats)
+            if "_bytes" in stats:
+                stats["kbit_per_s"] = round(8 * stats.pop("_bytes") / 1000 / seconds, 1) if seconds > 0 else None
+            entry["receiver"] = stats
+        if v.error:
+            entry["error"] = v.error
+        per_viewer.append(entry)
+        pooled_g2g.extend(g2g)
+        totals["frames"] += len(g2g)
+        totals["lost"] += lost
+        totals["lost_at_server"] += lost_server
+        totals["lost_after_server"] += lost_after - missed
+        totals["shown_not_timed"] += missed
+        totals["unreadable"] += unreadable
+        totals["unmatched"] += unmatched
+    overall = summarise(pooled_g2g)
+    fps = [e["received_fps"] for e in per_viewer if e["received_fps"] is not None]
+    result: dict[str, Any] = {
+        "server": server,
+        "viewer": viewers[0].kind if viewers else None,
+        "viewers": len(viewers),
+        "seconds": round(seconds, 3),
+        "glass_to_glass_ms": overall,
+        "received_fps": round(float(np.mean(fps)), 2) if fps else None,
+        "received_fps_min": round(float(np.min(fps)), 2) if fps else None,
+        "frames": totals["frames"],
+        "frames_lost": totals["lost"],
+        "lost_at_server": totals["lost_at_server"],
+        "lost_after_server": totals["lost_after_server"],
+        "unreadable": totals["unreadable"],
+        "unmatched": totals["unmatched"],
+        "shown_not_timed": totals["shown_not_timed"],
+        "lost_pct": round(100.0 * totals["lost"] / max(1, totals["lost"] + totals["shown_not_timed"]
+                                                       + totals["frames"]), 3),
+        "stages_ms": _stage_table(pooled_rows),
+        "serial_stages": list(serial),
+        "parallel_stages_ms": _stage_table(pooled_parallel),
+        "budget_ms": budget_ms,
+        "pass": bool(overall.get("n")) and overall["p99"] <= budget_ms,
+        "per_viewer": per_viewer,
+    }
+    receivers = [e["receiver"] for e in per_viewer if "receiver" in e]
+    for key in ("jitter_buffer_ms_avg", "decode_ms_avg", "processing_delay_ms_avg"):
+        vals = [r[key] for r in receivers if r.get(key) is not None]
+        if vals:
+            result.setdefault("receiver", {})[key] = round(float(np.mean(vals)), 3)
+    # per-window percentiles: drift over long runs
+    ws = window_s or (60.0 if seconds >= 180 else max(1.0, seconds / 5))
+    windows = []
+    if timeline:
+        arr = np.array(timeline, float)
+        k = 0
+        while k * ws < seconds - 1e-9:
+            sel = arr[(arr[:, 0] >= k * ws) & (arr[:, 0] < (k + 1) * ws), 1]
+            if sel.size:
+                windows.append({"t_s": round(k * ws, 3), "length_s": round(min(ws, seconds - k * ws), 3),
+                                "n": int(sel.size), "p50": round(pct(sel, 50), 3), "p95": round(pct(sel, 95), 3),
+                                "p99": round(pct(sel, 99), 3), "max": round(float(sel.max()), 3)})
+            k += 1
+    result["window_s"] = ws
+    result["windows"] = windows
+    full = [w for w in windows if w["length_s"] >= 0.99 * ws]
+    if len(full) >= 2:
+        a, b = full[0]["p99"], full[-1]["p99"]
+        result["drift"] = {"first_window_p99": a, "last_window_p99": b,
+                           "last_over_first": round(b / a, 4) if a else None,
+                           "within_10_pct": bool(a) and abs(b - a) <= 0.10 * a}
+    result["_timeline"] = timeline  # for plots; dropped from the JSON unless --samples
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one measurement, a whole session
+# ---------------------------------------------------------------------------------------------------------------------
+def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1, seconds: float = 10.0,
+            warmup: float = 3.0, codec: str | None = None, budget_ms: float = 200.0, window_s: float | None = None,
+            quiet: bool = False) -> dict[str, Any]:
+    """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run."""
+    url = url.rstrip("/")
+    health0 = get_json(url + "/health")
+    poller = RecordPoller(url).start()
+    window = Window()
+    try:
+        collect = collect_chromium if viewer == "chromium" else collect_aiortc
+        data = collect(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet)
+    finally:
+        poller.stop()
+    health1 = get_json(url + "/health")
+    offset = poller.offset_ns
+    if viewer == "chromium":  # browser times are unix ns: map them onto the server's monotonic clock
+        for v in data:
+            v.samples = [(c, t - offset, (r - offset) if r > 0 else -1, (q - offset) if q > 0 else -1, k)
+                         for c, t, r, q, k in v.samples]
+            v.unreadable = [t - offset for t in v.unreadable]
+            if v.bracket is not None:  # direct reading vs the wall-clock route: how far apart they are
+                rt, direct = v.bracket
+                v.stats.setdefault("clock_calibration_ms", {}).update(
+                    cross_check=round((direct + offset) / 1e6, 3), cross_check_bound=round(rt / 2e6, 3))
+    result = analyse(server, data, poller.records, window, budget_ms=budget_ms, window_s=window_s)
+    result["url"] = url
+    result["codec"] = codec or "default (offer order)"
+    result["health"] = {k: health1.get(k) for k in ("model", "backend", "frames_in", "frames_out", "frames_dropped",
+                                                    "fps_out", "ai", "ai_frames", "overflow_drops", "viewers")
+                        if k in health1}
+    if "frames_dropped" in health0 and "frames_dropped" in health1:
+        result["health"]["frames_dropped_during_run"] = health1["frames_dropped"] - health0["frames_dropped"]
+    offs = poller.offsets_ns
+    result["clock"] = {"server_unix_minus_monotonic_ns": offset,
+                       "server_offset_spread_us": round((max(offs) - min(offs)) / 1e3, 1) if offs else None}
+    return result
+
+
+def _fmt(x, nd=1) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def table(runs: list[dict]) -> str:
+    head = (f"{'server':9} {'viewer':8} {'N':>2} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7} {'tail':>6} {'flat':>6} "
+            f"{'fps':>5} {'lost':>5} {'server':>7} {'after':>7}  budget")
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        g = r["glass_to_glass_ms"]
+        st = r.get("stages_ms", {})
+        lines.append(
+            f"{r['server']:9} {r['viewer']:8} {r['viewers']:>2} {_fmt(g.get('p50')):>7} {_fmt(g.get('p95')):>7} "
+            f"{_fmt(g.get('p99')):>7} {_fmt(g.get('max')):>7} {_fmt(g.get('tail')):>6} {_fmt(g.get('flatness')):>6} "
+            f"{_fmt(r.get('received_fps')):>5} {r.get('frames_lost', 0):>5} "
+            f"{_fmt(st.get('server_total', {}).get('p50')):>7} {_fmt(st.get('after_server', {}).get('p50')):>7}  "
+            f"{'ok' if r['pass'] else 'OVER'} ({r['budget_ms']:g} ms)")
+    return "\n".join(lines)
+
+
+def comparisons(runs: list[dict]) -> dict[str, Any]:
+    """Ratios from one session: naive / Sonomaly per viewer count, and N-viewer / 1-viewer for each server."""
+    out: dict[str, Any] = {}
+    by = {(r["server"], r["viewers"]): r for r in runs if r["glass_to_glass_ms"].get("n")}
+    for (server, n), r in sorted(by.items()):
+        if server == "naive" and ("sonomaly", n) in by:
+            s = by[("sonomaly", n)]["glass_to_glass_ms"]
+            g = r["glass_to_glass_ms"]
+            out[f"naive_over_sonomaly_{n}_viewers"] = {"p50": round(g["p50"] / s["p50"], 3),
+                                                       "p99": round(g["p99"] / s["p99"], 3)}
+        if n > 1 and (server, 1) in by:
+            one = by[(server, 1)]["glass_to_glass_ms"]
+            out[f"{server}_{n}_over_1_viewer_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["p99"], 3)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------------------
+def plot(report: dict, path: str | Path) -> None:
+    """Histogram, timeline and stage breakdown of every run in ``report`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in report["runs"] if r.get("_timeline")]
+    if not runs:
+        return
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(3, 1, figsize=(11, 12))
+    allv = np.concatenate([np.array(r["_timeline"])[:, 1] for r in runs])
+    logx = allv.max() / max(allv.min(), 1e-3) > 20
+    ax = axes[0]
+    bins = (np.geomspace(max(allv.min(), 1.0) * 0.9, allv.max() * 1.1, 80) if logx
+            else np.linspace(0, allv.max() * 1.05, 80))
+    for i, r in enumerate(runs):
+        v = np.array(r["_timeline"])[:, 1]
+        g = r["glass_to_glass_ms"]
+        ax.hist(v, bins=bins, histtype="step", lw=1.6, color=colors[i % len(colors)], density=True,
+                label=f"{r['server']} · {r['viewers']} viewer(s): p50 {g['p50']:.0f} / p99 {g['p99']:.0f} ms")
+    if logx:
+        ax.set_xscale("log")
+    budget = runs[0]["budget_ms"]
+    ax.axvline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g} ms")
+    ax.set_xlabel("glass-to-glass latency (ms)")
+    ax.set_ylabel("density")
+    ax.set_title("Glass-to-glass latency, per frame")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    for i, r in enumerate(runs):
+        a = np.array(r["_timeline"])
+        ax.plot(a[:, 0], a[:, 1], ".", ms=2, color=colors[i % len(colors)], alpha=0.6,
+                label=f"{r['server']} · {r['viewers']}")
+        if r.get("windows") and len(r["windows"]) > 2:
+            w = r["windows"]
+            ax.plot([x["t_s"] + x["length_s"] / 2 for x in w], [x["p99"] for x in w], "-",
+                    color=colors[i % len(colors)], lw=1.5)
+    if logx:
+        ax.set_yscale("log")
+    ax.axhline(budget, color="k", ls="--", lw=1)
+    ax.set_xlabel("time in measurement window (s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Timeline (dots: frames of all viewers; line: per-window p99)")
+    ax.legend(fontsize=8, markerscale=4, ncol=2)
+    ax = axes[2]
+    labels = []
+    for i, r in enumerate(runs):
+        st = r["stages_ms"]
+        parts = [(k, st[k]["p50"]) for k in r["serial_stages"] if k in st]
+        parts.append(("other server", max(0.0, st.get("server_other", {}).get("p50", 0.0))))
+        if "jitter_decode" in st:
+            parts += [("send+network", st["send_network"]["p50"]), ("jitter+decode", st["jitter_decode"]["p50"]),
+                      ("paint", st["paint"]["p50"])]
+        elif "send_network" in st:
+            parts += [("send+network", st["send_network"]["p50"]),
+                      ("jitter+decode+paint", st["jitter_decode_paint"]["p50"])]
+        elif "after_server" in st:
+            parts.append(("encode+network+decode", st["after_server"]["p50"]))
+        left = 0.0
+        for j, (name, val) in enumerate(parts):
+            val = max(0.0, val)
+            ax.barh(i, val, left=left, color=plt.cm.tab20(hash(name) % 20), edgecolor="white",
+                    label=name if name not in ax.get_legend_handles_labels()[1] else None)
+            left += val
+        labels.append(f"{r['server']} · {r['viewers']}")
+    ax.set_yticks(range(len(runs)), labels)
+    if logx:
+        ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlabel("median time per stage (ms), along the frame's path")
+    ax.set_title("Where the time goes (medians; Sonomaly's AI runs beside this path)")
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    m = report.get("machine", {})
+    fig.suptitle(f"sonomaly latency — {m.get('nproc')}× {m.get('cpu')} · viewer {runs[0]['viewer']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------------
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("latency", help="measure glass-to-glass latency in real viewers (barcode frame ids)",
+                              description=__doc__.split("\n\n")[0])
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--url", help="a running server that streams a stamp: source (sonomaly serve --source stamp:...)")
+    g.add_argument("--serve", metavar="SOURCE",
+                   help="start `sonomaly serve` on SOURCE (wrapped in stamp:) on a free port for the measurement")
+    p.add_argument("--model", help="model directory for --serve (default: video only)")
+    p.add_argument("--fps", type=float, default=None, help="pace a --serve file source at this rate (e.g. 30)")
+    p.add_argument("--viewer", choices=["chromium", "aiortc"], default="chromium")
+    p.add_argument("--viewers", default="1", help="number of viewers, or a list to sweep (e.g. 1,4,8)")
+    p.add_argument("--seconds", type=float, default=10.0, help="measurement window per run (default 10)")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds discarded after the viewers connect")
+    p.add_argument("--codec", choices=["vp8", "h264"], default=None, help="codec the viewers ask for")
+    p.add_argument("--budget-ms", type=float, default=200.0, help="p99 budget; exit status 1 when exceeded")
+    p.add_argument("--baseline", choices=["naive"], default=None,
+                   help="also measure the naive aiortc integration (tools/naive.py) on the same source and model "
+                        "(needs --serve)")
+    p.add_argument("--window-s", type=float, default=None,
+                   help="length of the per-window percentiles (default 60 s for runs of 3 min or more)")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="write histogram, timeline and stage plots")
+    p.add_argument("--samples", action="store_true", help="keep every frame's (t, latency, viewer) in the JSON")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for `sonomaly serve` (repeatable, e.g. --serve-arg=--no-hud)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--viewers: expected a number or a list like 1,4,8, not {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise SystemExit("--viewers: at least one viewer")
+    return counts
+
+
+def run(args) -> int:
+    import logging
+
+    for name in ("aioice", "aiortc"):  # their INFO lines (ICE checks...) drown the report
+        logging.getLogger(name).setLevel(logging.WARNING)
+    counts = _counts(args.viewers)
+    if args.baseline and not args.serve:
+        print("sonomaly latency: --baseline needs --serve (the baseline runs on the same source and model)",
+              file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {"tool": "sonomaly latency", "format": 1,
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
+                              "config": {k: getattr(args, k) for k in ("url", "serve", "model", "fps", "viewer",
+                                                                       "viewers", "seconds", "warmup", "codec",
+                                                                       "budget_ms", "baseline", "serve_arg")},
+                              "runs": []}
+    servers = ["sonomaly"] + ([args.baseline] if args.baseline else [])
+    source = stamped(args.serve, args.fps) if args.serve else None
+    if source:
+        report["config"]["source_uri"] = source
+    failed = False
+    for n in counts:
+        for server in servers:
+            _progress(f"{server}: {n} {args.viewer} viewer(s), {args.seconds:g} s", args.quiet)
+            try:
+                if args.url:
+                    run_ = measure(args.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
+                                   warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
+                                   window_s=args.window_s, quiet=args.quiet)
+                else:
+                    extra = list(args.serve_arg) if server == "sonomaly" else []
+                    with ServerProcess(server, source, args.model, extra=extra) as srv:
+                        run_ = measure(srv.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
+                                       warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
+                                       window_s=args.window_s, quiet=args.quiet)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
+                print(f"sonomaly latency: {server} with {n} viewer(s) failed: {exc}", file=sys.stderr)
+                failed = True
+                continue
+            report["runs"].append(run_)
+            if not args.quiet:
+                g = run_["glass_to_glass_ms"]
+                _progress(f"  p50 {_fmt(g.get('p50'))}  p99 {_fmt(g.get('p99'))}  max {_fmt(g.get('max'))} ms, "
+                          f"{run_['received_fps']} fps, {run_['frames_lost']} lost", args.quiet)
+    report["comparisons"] = comparisons(report["runs"])
+    print(table(report["runs"]))
+    if report["comparisons"]:
+        print(json.dumps(report["comparisons"], indent=1))
+    if args.plot:
+        plot(report, args.plot)
+    for r in report["runs"]:
+        tl = r.pop("_timeline", [])
+        if args.samples:
+            r["samples"] = [[round(t, 4), round(lat, 3), vi] for t, lat, vi in tl]
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    main_runs = [r for r in report["runs"] if r["server"] == "sonomaly"]
+    if not main_runs or any(not r["glass_to_glass_ms"].get("n") for r in main_runs):
+        return 3
+    if failed:
+        return 3
+    return 0 if all(r["pass"] for r in main_runs) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sonomaly")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["latency", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
