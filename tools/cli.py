@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -10,7 +11,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
 DEMO_MODEL = REPO / "models" / "lung"
-PLUGIN_COMMANDS: tuple[str, ...] = ("sonomaly.tools.latency",)
+# Commands that live beside the code they drive. Each module has register(subparsers), which adds its parser with
+# set_defaults(func=run); run(args) returns the exit code. A module not (yet) present is skipped.
+PLUGIN_COMMANDS: tuple[str, ...] = (
+    "sonomaly.tools.latency",      # sonomaly latency
+    "sonomaly.tools.evaluate",     # sonomaly evaluate
+    "sonomaly.tools.export",       # sonomaly export, sonomaly build-engine
+    "sonomaly.tools.selftest",     # sonomaly selftest
+)
+# `sonomaly bench WHAT`: each module has add_arguments(parser) and run(args) -> exit code; it prints a table and
+# writes JSON.
+BENCHES: dict[str, str] = {
+    "engines": "sonomaly.tools.bench_engines",
+    "detectors": "sonomaly.tools.bench_detectors",
+    "viewers": "sonomaly.tools.bench_viewers",
+    "pipeline": "sonomaly.tools.bench_pipeline",
+}
 LIVE_PREFIXES = ("device:", "/dev/video", "rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
@@ -55,10 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
 
-    # Further commands live beside the code they drive: each module has register(subparsers), which adds its parser
-    # with set_defaults(func=run), run(args) -> exit code.
     for name in PLUGIN_COMMANDS:
-        importlib.import_module(name).register(sub)
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub)
+    benches = {k: v for k, v in BENCHES.items() if importlib.util.find_spec(v) is not None}
+    if benches:
+        p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
+        bench_sub = p.add_subparsers(dest="bench", required=True)
+        for what, name in benches.items():
+            module = importlib.import_module(name)
+            bp = bench_sub.add_parser(what, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__
+                                      else None)
+            module.add_arguments(bp)
+            bp.set_defaults(func=module.run)
     return parser
 
 

@@ -403,79 +403,94 @@ def _progress(msg: str, quiet: bool) -> None:
 
 
 def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
-                     quiet: bool = False, connect_timeout: float = 40.0) -> list[ViewerData]:
-    """Open ``n`` headless Chromium viewers on ``url``; collect ``seconds`` after ``warmup``."""
+                     quiet: bool = False, connect_timeout: float = 40.0, browser=None) -> list[ViewerData]:
+    """Open ``n`` headless Chromium viewers on ``url``; collect ``seconds`` after ``warmup``.
+
+    ``browser``: a Playwright ``Browser`` to use (its own contexts are opened and closed here); default: launch
+    Debian's Chromium with :data:`CHROMIUM_ARGS`."""
+    if browser is not None:
+        return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout)
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
         raise RuntimeError(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    url = url.rstrip("/")
-    viewers = [ViewerData("chromium", i) for i in range(n)]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            pages = []
-            for i in range(n):
-                ctx = browser.new_context(viewport={"width": 640, "height": 520})
-                page = ctx.new_page()
-                page.route(url + HARNESS_PATH, lambda route: route.fulfill(status=200, content_type="text/html",
-                                                                          body=HARNESS_PAGE))
-                page.goto(url + HARNESS_PATH)
-                page.evaluate("codec => window.harness.start(codec)", codec)
-                pages.append(page)
-            deadline = time.monotonic() + connect_timeout
-            while any(page.evaluate("window.harness.samples.length") == 0 for page in pages):
-                if time.monotonic() > deadline:
-                    states = [page.evaluate("[window.harness.state, window.harness.error]") for page in pages]
-                    raise RuntimeError(f"Chromium viewers show no decodable frames after {connect_timeout:.0f} s "
-                                       f"(state, error per viewer: {states})")
-                time.sleep(0.2)
-            _progress(f"  {n} Chromium viewer(s) showing frames; warm-up {warmup:g} s", quiet)
-            time.sleep(warmup)
-            cal0 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
-            st0 = [page.evaluate("window.harness.stats()") for page in pages]
-            for page in pages:
-                page.evaluate("window.harness.take()")  # drop the warm-up
-            window.t0_ns = time.monotonic_ns()
-            raw: list[list[dict]] = [[] for _ in pages]
-            end = time.monotonic() + seconds
-            last_report = time.monotonic()
-            while True:
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                time.sleep(min(left, 5.0))
-                for i, page in enumerate(pages):
-                    raw[i].append(page.evaluate("window.harness.take()"))
-                if time.monotonic() - last_report >= 60 and not quiet:
-                    last_report = time.monotonic()
-                    _progress(f"  ... {seconds - max(0.0, end - time.monotonic()):.0f} / {seconds:g} s", quiet)
-            window.t1_ns = time.monotonic_ns()
-            st1 = [page.evaluate("window.harness.stats()") for page in pages]
-            cal1 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
-            for i, page in enumerate(pages):
-                raw[i].append(page.evaluate("window.harness.take()"))
-                v = viewers[i]
-                origin = cal0[i]["timeOrigin"]
-                off_ms = (cal0[i]["offset"] + cal1[i]["offset"]) / 2.0
-                v.stats = _stats_delta(st0[i], st1[i])
-                v.stats["clock_calibration_ms"] = {"offset_start": round(cal0[i]["offset"], 4),
-                                                   "offset_end": round(cal1[i]["offset"], 4),
-                                                   "spread": round(max(cal0[i]["spread"], cal1[i]["spread"]), 4)}
-                # performance-timeline ms → unix ns; the caller maps unix → server monotonic
-                def unix_ns(t_ms: float) -> int:
-                    return int(round((origin + t_ms + off_ms) * 1e6))
-
-                for chunk in raw[i]:
-                    for code, shown, received, presented, count in chunk["samples"]:
-                        v.samples.append((int(code), unix_ns(shown), unix_ns(received) if received >= 0 else -1,
-                                          unix_ns(presented) if presented and presented > 0 else -1, int(count)))
-                    v.unreadable.extend(unix_ns(t) for t in chunk["unreadable"])
-                    if chunk.get("error"):
-                        v.error = chunk["error"]
-                v.bracket = _bracket(page, origin + off_ms)
+            return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout)
         finally:
             browser.close()
+
+
+def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout) -> list[ViewerData]:
+    url = url.rstrip("/")
+    viewers = [ViewerData("chromium", i) for i in range(n)]
+    contexts = []
+    try:
+        pages = []
+        for i in range(n):
+            ctx = browser.new_context(viewport={"width": 640, "height": 520})
+            contexts.append(ctx)
+            page = ctx.new_page()
+            page.route(url + HARNESS_PATH, lambda route: route.fulfill(status=200, content_type="text/html",
+                                                                      body=HARNESS_PAGE))
+            page.goto(url + HARNESS_PATH)
+            page.evaluate("codec => window.harness.start(codec)", codec)
+            pages.append(page)
+        deadline = time.monotonic() + connect_timeout
+        while any(page.evaluate("window.harness.samples.length") == 0 for page in pages):
+            if time.monotonic() > deadline:
+                states = [page.evaluate("[window.harness.state, window.harness.error]") for page in pages]
+                raise RuntimeError(f"Chromium viewers show no decodable frames after {connect_timeout:.0f} s "
+                                   f"(state, error per viewer: {states})")
+            time.sleep(0.2)
+        _progress(f"  {n} Chromium viewer(s) showing frames; warm-up {warmup:g} s", quiet)
+        time.sleep(warmup)
+        cal0 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
+        st0 = [page.evaluate("window.harness.stats()") for page in pages]
+        for page in pages:
+            page.evaluate("window.harness.take()")  # drop the warm-up
+        window.t0_ns = time.monotonic_ns()
+        raw: list[list[dict]] = [[] for _ in pages]
+        end = time.monotonic() + seconds
+        last_report = time.monotonic()
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 5.0))
+            for i, page in enumerate(pages):
+                raw[i].append(page.evaluate("window.harness.take()"))
+            if time.monotonic() - last_report >= 60 and not quiet:
+                last_report = time.monotonic()
+                _progress(f"  ... {seconds - max(0.0, end - time.monotonic()):.0f} / {seconds:g} s", quiet)
+        window.t1_ns = time.monotonic_ns()
+        st1 = [page.evaluate("window.harness.stats()") for page in pages]
+        cal1 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
+        for i, page in enumerate(pages):
+            raw[i].append(page.evaluate("window.harness.take()"))
+            v = viewers[i]
+            origin = cal0[i]["timeOrigin"]
+            off_ms = (cal0[i]["offset"] + cal1[i]["offset"]) / 2.0
+            v.stats = _stats_delta(st0[i], st1[i])
+            v.stats["clock_calibration_ms"] = {"offset_start": round(cal0[i]["offset"], 4),
+                                               "offset_end": round(cal1[i]["offset"], 4),
+                                               "spread": round(max(cal0[i]["spread"], cal1[i]["spread"]), 4)}
+            # performance-timeline ms → unix ns; the caller maps unix → server monotonic
+            def unix_ns(t_ms: float) -> int:
+                return int(round((origin + t_ms + off_ms) * 1e6))
+
+            for chunk in raw[i]:
+                for code, shown, received, presented, count in chunk["samples"]:
+                    v.samples.append((int(code), unix_ns(shown), unix_ns(received) if received >= 0 else -1,
+                                      unix_ns(presented) if presented and presented > 0 else -1, int(count)))
+                v.unreadable.extend(unix_ns(t) for t in chunk["unreadable"])
+                if chunk.get("error"):
+                    v.error = chunk["error"]
+            v.bracket = _bracket(page, origin + off_ms)
+    finally:
+        for ctx in contexts:
+            ctx.close()
     return viewers
 
 
@@ -743,15 +758,22 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
 # ---------------------------------------------------------------------------------------------------------------------
 def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1, seconds: float = 10.0,
             warmup: float = 3.0, codec: str | None = None, budget_ms: float = 200.0, window_s: float | None = None,
-            quiet: bool = False) -> dict[str, Any]:
-    """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run."""
+            quiet: bool = False, browser=None) -> dict[str, Any]:
+    """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run.
+
+    ``server`` names the kind of server ("sonomaly" or "naive": which stages are on the frame's path); ``browser``
+    an already launched Playwright browser for the Chromium viewers (default: launch one)."""
     url = url.rstrip("/")
     health0 = get_json(url + "/health")
     poller = RecordPoller(url).start()
     window = Window()
     try:
-        collect = collect_chromium if viewer == "chromium" else collect_aiortc
-        data = collect(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet)
+        if viewer == "chromium":
+            data = collect_chromium(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet, browser=browser)
+        elif viewer == "aiortc":
+            data = collect_aiortc(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet)
+        else:
+            raise ValueError(f"unknown viewer {viewer!r} (chromium or aiortc)")
     finally:
         poller.stop()
     health1 = get_json(url + "/health")
