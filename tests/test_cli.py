@@ -1,0 +1,43 @@
+"""The one CLI: commands exist, errors are clear, the pipeline benchmark writes its JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sonomaly.tools.cli import build_parser, main
+
+
+def test_help_lists_the_front_door_commands():
+    text = build_parser().format_help()
+    for cmd in ("demo", "serve", "train", "bench"):
+        assert cmd in text
+
+
+def test_demo_with_a_missing_model_says_so(tmp_path, capsys):
+    rc = main(["demo", "--model", str(tmp_path / "nope")])
+    assert rc == 2
+    assert "demo model is missing" in capsys.readouterr().err
+
+
+def test_serve_requires_a_source():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve"])
+
+
+def test_bench_pipeline_writes_json(tmp_path, lung_model, demo_clip):
+    out = tmp_path / "b.json"
+    r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "bench", "pipeline", "--frames", "12",
+                        "--sizes", "native,640x480", "--model", str(lung_model), "--clip", str(demo_clip),
+                        "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert [row["size"] for row in data["results"]] == ["450x450", "640x480"]
+    for row in data["results"]:
+        st = row["stages"]
+        assert set(st) == {"roi", "preprocess", "infer", "postprocess", "overlay", "i420", "total"}
+        assert all(0 < v["p50"] <= v["p99"] for v in st.values())
+        assert st["total"]["p50"] >= st["infer"]["p50"]
+    assert data["machine"]["cores"] >= 1 and "450x450" in r.stdout

@@ -1,0 +1,121 @@
+"""Per-stage cost of the pipeline on this machine: ROI, preprocess, infer, postprocess, overlay, I420 conversion.
+
+Runs the very functions the live pipeline runs, frame by frame, on bundled clips resized to common display sizes,
+without the network, so each stage's cost shows on its own. ``sonomaly bench pipeline [--json OUT]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {"native": None, "640x480": (640, 480), "1280x720": (1280, 720), "1920x1080": (1920, 1080)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=str(REPO / "models" / "lung"))
+    p.add_argument("--clip", default=str(REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"))
+    p.add_argument("--frames", type=int, default=200, help="frames per size (default 200)")
+    p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: " + ", ".join(SIZES))
+    p.add_argument("--threads", type=int, default=None, help="inference threads")
+    p.add_argument("--json", default=None, help="write results here")
+
+
+def machine() -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import onnxruntime
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__, "platform": platform.platform()}
+
+
+def _frames(clip: str, n: int) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(clip)
+    frames = []
+    while len(frames) < n:
+        ok, f = cap.read()
+        if not ok:
+            if not frames:
+                raise SystemExit(f"cannot read {clip}")
+            cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            continue
+        frames.append(f)
+    cap.release()
+    return frames
+
+
+def bench_size(engine, frames: list[np.ndarray], size) -> dict:
+    from sonomaly import overlay
+    from sonomaly.engines.processing import TemporalSmoother, postprocess, preprocess
+    from sonomaly.stream.roi import RegionTracker
+
+    tracker, smoother, style = RegionTracker(), TemporalSmoother(0.5), overlay.OverlayStyle()
+    times: dict[str, list[float]] = {k: [] for k in ("roi", "preprocess", "infer", "postprocess", "overlay",
+                                                      "i420", "total")}
+    for i, f in enumerate(frames):
+        img = f if size is None else cv2.resize(f, size, interpolation=cv2.INTER_LINEAR)
+        t0 = time.perf_counter_ns()
+        region = tracker.update(img)
+        t1 = time.perf_counter_ns()
+        x = preprocess(img, region, engine.card)
+        t2 = time.perf_counter_ns()
+        raw_map, raw_score = engine.infer(x)
+        t3 = time.perf_counter_ns()
+        amap, score = postprocess(raw_map, raw_score, region, engine.card, img.shape[:2])
+        amap = smoother.update(amap, region)
+        t4 = time.perf_counter_ns()
+        out = overlay.compose(img, amap, region, score=score, style=style, hud_lines=["39.0 fps", "bench"])
+        t5 = time.perf_counter_ns()
+        out = out[: out.shape[0] // 2 * 2, : out.shape[1] // 2 * 2]
+        cv2.cvtColor(out, cv2.COLOR_BGR2YUV_I420)
+        t6 = time.perf_counter_ns()
+        if i < 10:  # warm-up
+            continue
+        for k, a, b in (("roi", t0, t1), ("preprocess", t1, t2), ("infer", t2, t3), ("postprocess", t3, t4),
+                        ("overlay", t4, t5), ("i420", t5, t6), ("total", t0, t6)):
+            times[k].append((b - a) / 1e6)
+    h, w = (frames[0].shape[:2] if size is None else (size[1], size[0]))
+    return {"size": f"{w}x{h}", "frames": len(times["total"]),
+            "stages": {k: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+                       for k, v in times.items()}}
+
+
+def run(args) -> int:
+    from sonomaly import engines
+
+    opts = {} if args.threads is None else {"threads": args.threads}
+    engine = engines.load(args.model, backend="onnxruntime", **opts)
+    frames = _frames(args.clip, args.frames + 10)
+    rows = []
+    for name in args.sizes.split(","):
+        if name not in SIZES:
+            raise SystemExit(f"unknown size {name!r}; choose from {', '.join(SIZES)}")
+        rows.append(bench_size(engine, frames, SIZES[name]))
+    stages = list(rows[0]["stages"])
+    print(f"{'size':>10} " + " ".join(f"{s:>15}" for s in stages))
+    print(f"{'':>10} " + " ".join(f"{'p50 / p99 ms':>15}" for _ in stages))
+    for r in rows:
+        print(f"{r['size']:>10} " + " ".join(f"{r['stages'][s]['p50']:6.2f} / {r['stages'][s]['p99']:6.2f}"
+                                             for s in stages))
+    result = {"benchmark": "pipeline", "model": engine.card.name, "backend": engine.backend,
+              "clip": Path(args.clip).name, "machine": machine(), "results": rows,
+              "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
