@@ -35,9 +35,17 @@ DEFAULT_CLIP = 4.0
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "patch_gaussian": dict(widths=[16, 32, 64, 64], dim=48, bands=4, topk_frac=0.01, score_erode=2),
     "conv_ae": dict(widths=[16, 32, 48, 64], bottleneck=16, topk_frac=0.01, score_erode=2),
+    "ae": dict(widths=[16, 32, 48, 64], latent=16, loss="l1", topk_frac=0.01, score_erode=2),
+    "student_teacher": dict(width=32, feat=64, teacher_epochs=4, topk_frac=0.01, score_erode=2),
+    "draem": dict(widths=[16, 32, 48, 64], synth="all", topk_frac=0.01, score_erode=2),
+    "classifier": dict(pool="gap", synth="all"),
 }
-FAMILY_EPOCHS: dict[str, int] = {"patch_gaussian": 1, "conv_ae": 10
-}
+FAMILY_EPOCHS: dict[str, int] = {"patch_gaussian": 1, "conv_ae": 10, "ae": 10, "student_teacher": 8, "draem": 15,
+                                 "classifier": 12}
+# families that can use real abnormal images (image labels) when the data hold them
+SUPERVISED = {"classifier"}
+# wall-clock cap per default training (the issue's budget: <= 15 min per default model on 2 CPU cores)
+MAX_TRAIN_SECONDS = 14 * 60
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -47,6 +55,14 @@ class Source:
     path: Path
     group: str
     label: str = "normal"
+
+
+ABNORMAL_DIRS = {"abnormal", "anomaly", "anomalous", "lesion", "benign", "malignant", "positive"}
+
+
+def _label_of(path: Path, root: Path) -> str:
+    parts = {p.lower() for p in path.relative_to(root).parts[:-1]}
+    return "abnormal" if parts & ABNORMAL_DIRS else "normal"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -63,13 +79,18 @@ def as_sources(data) -> list[Source]:
     if isinstance(data, (str, Path)):
         p = Path(data)
         if p.is_dir():
-            files = sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_EXT | IMAGE_EXT)
+            files = sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_EXT | IMAGE_EXT
+                           and "masks" not in {x.lower() for x in q.relative_to(p).parts[:-1]}
+                           and "_mask" not in q.stem)
             if not files:
                 raise ValueError(f"{p}: no images or videos found")
-            return [Source(q, q.stem) for q in files]
+            return [Source(q, q.stem, _label_of(q, p)) for q in files]
         return [Source(p, p.stem)]
     out = []
     for item in data:
+        if isinstance(item, (str, Path)) and Path(item).is_dir():
+            out.extend(as_sources(item))
+            continue
         if isinstance(item, Source):
             out.append(item)
         elif isinstance(item, (tuple, list)):
@@ -118,9 +139,10 @@ def clip_region(frames: Sequence[np.ndarray], region_fn: Callable[[np.ndarray], 
 
 
 def _default_region_fn():
-    from sonomaly.stream.roi import detect_scan_region
+    """Scan region with burned-in text / calipers removed (:mod:`sonomaly.engines.regions`)."""
+    from .regions import clean_scan_region
 
-    return detect_scan_region
+    return clean_scan_region
 
 
 def make_input_card(size: int | Sequence[int], channels: int = 2, clip: float = DEFAULT_CLIP) -> ModelCard:
@@ -141,6 +163,10 @@ def load_tensors(source: Source, card: ModelCard, *, every: int, max_frames: int
     if transform is not None:
         frames = transform(frames)
     region = clip_region(frames, region_fn)
+    if getattr(region_fn, "__name__", "") == "clean_scan_region" and len(frames) == 1:
+        from .regions import inpaint_marks
+
+        frames = [inpaint_marks(f) for f in frames]  # still images: burned-in text / calipers filled in
     h, w = card.input_size
     out = np.empty((len(frames), card.input.channels, h, w), np.float32)
     for i, f in enumerate(frames):
@@ -153,14 +179,17 @@ def _progress(msg: str, on: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _batches(arr: np.ndarray, bs: int, shuffle_seed: int | None = None):
+def _batches(arr: np.ndarray, bs: int, shuffle_seed: int | None = None, labels: np.ndarray | None = None):
+    """Re-iterable batch generator (``x`` tensors, or ``(x, y)`` when ``labels`` are given), reshuffled per epoch."""
     def gen():
         idx = np.arange(len(arr))
         if shuffle_seed is not None:
             np.random.default_rng(shuffle_seed + gen.calls).shuffle(idx)
             gen.calls += 1
         for i in range(0, len(idx), bs):
-            yield torch.from_numpy(arr[np.sort(idx[i : i + bs]) if shuffle_seed is None else idx[i : i + bs]])
+            j = np.sort(idx[i : i + bs]) if shuffle_seed is None else idx[i : i + bs]
+            x = torch.from_numpy(arr[j])
+            yield x if labels is None else (x, torch.from_numpy(labels[j]))
 
     gen.calls = 0
     return gen
@@ -268,7 +297,7 @@ def train(
     region_fn: Callable[[np.ndarray], ScanRegion] | None = None,
     family_config: dict[str, Any] | None = None,
     batch_size: int = 16,
-    threads: int | None = 2,
+    threads: int | None = 1,
     max_seconds: float | None = None,
     progress: bool = True,
     description: str = "",
@@ -285,24 +314,41 @@ def train(
     cfg["in_channels"] = channels
     icard = make_input_card(size, channels)
 
-    _progress(f"[train] {family}: decoding {len(sources)} file(s) (every {every}th frame)", progress)
+    normals = [x for x in sources if x.label == "normal"]
+    abnormals = [x for x in sources if x.label != "normal"]
+    if not normals:
+        raise ValueError("no normal images/clips in the data (thresholds are chosen on held-out normal data only)")
+    use_abn = family in SUPERVISED and bool(abnormals)
+    if abnormals and not use_abn:
+        _progress(f"[train] {family} trains on normal data only: ignoring {len(abnormals)} abnormal file(s)", progress)
+    todo = normals + (abnormals if use_abn else [])
+    _progress(f"[train] {family}: decoding {len(todo)} file(s) (every {every}th frame)", progress)
     tensors: dict[str, np.ndarray] = {}
-    for i, s in enumerate(sources):
+    t_dec = time.time()
+    for i, s in enumerate(todo):
         tensors[str(s.path)] = load_tensors(s, icard, every=every, max_frames=max_frames_per_file, region_fn=region_fn)
-        _progress(f"  [{i + 1}/{len(sources)}] {s.path.name}: {len(tensors[str(s.path)])} frames (group {s.group})",
-                  progress)
-    fit_src, val_src = split_groups(sources, {k: len(v) for k, v in tensors.items()}, val_fraction, val_groups)
-    fit_arr = np.concatenate([tensors[str(s.path)] for s in fit_src])
+        if progress:
+            from .models.common import progress_bar
+
+            progress_bar(i + 1, len(todo), t_dec, f"decoded {s.path.name}")
+    fit_src, val_src = split_groups(normals, {str(k.path): len(tensors[str(k.path)]) for k in normals}, val_fraction,
+                                    val_groups)
+    val_groups_set = {s.group for s in val_src}
+    abn_fit = [s for s in abnormals if s.group not in val_groups_set] if use_abn else []
+    fit_arr = np.concatenate([tensors[str(s.path)] for s in fit_src + abn_fit])
+    fit_lab = np.concatenate([np.full(len(tensors[str(s.path)]), float(s.label != "normal"), np.float32)
+                              for s in fit_src + abn_fit])
     val_arr = np.concatenate([tensors[str(s.path)] for s in val_src])
-    _progress(f"[train] fit on {len(fit_arr)} frames ({len(fit_src)} files), hold out {len(val_arr)} frames "
-              f"(groups {sorted({s.group for s in val_src})})", progress)
+    _progress(f"[train] fit on {len(fit_arr)} frames ({len(fit_src)} normal + {len(abn_fit)} abnormal files), hold out "
+              f"{len(val_arr)} normal frames (groups {sorted(val_groups_set)})", progress)
 
     model = build(family, **cfg)
     epochs = epochs if epochs is not None else FAMILY_EPOCHS.get(family)
     fit_kwargs = {"epochs": epochs} if epochs is not None else {}
     t_fit = time.time()
-    fit_info = model.fit(_batches(fit_arr, batch_size, shuffle_seed=seed), progress=progress,
-                         max_seconds=max_seconds, **fit_kwargs)
+    fit_info = model.fit(_batches(fit_arr, batch_size, shuffle_seed=seed, labels=fit_lab if use_abn else None),
+                         progress=progress, max_seconds=max_seconds if max_seconds is not None else MAX_TRAIN_SECONDS,
+                         **fit_kwargs)
     fit_seconds = time.time() - t_fit
     model.eval()
 
@@ -315,6 +361,9 @@ def train(
         raise ValueError("no held-out pixels inside the scan region")
     q = 1.0 - target_fpr
     p_low, p_high = float(np.median(pix)), float(np.quantile(pix, q))
+    floor = getattr(model, "prob_floor", None)
+    if floor is not None and p_high < floor:
+        p_high = float(floor)
     s_low, s_high = float(np.median(scores)), float(np.quantile(scores, q))
     if not p_high > p_low:
         p_high = p_low + max(1e-6, abs(p_low) * 1e-3)
@@ -326,7 +375,7 @@ def train(
     torch.save(model.state_dict(), pt_path)
     export_onnx(model, onnx_path, (size, size), channels)
     map_shape = [1, 1, *maps.shape[-2:]]
-    all_files = sorted(sources, key=lambda s: str(s.path))
+    all_files = sorted(todo, key=lambda s: str(s.path))
     card = ModelCard(
         name=name or f"{family}-{size}",
         family=family,
@@ -340,7 +389,8 @@ def train(
         map_normalisation=Range(p_low, p_high),
         score_normalisation=Range(s_low, s_high),
         threshold={
-            "method": "quantile of held-out normal values",
+            "method": "quantile of held-out normal values" + (
+                f" (pixel threshold floored at probability {floor})" if floor is not None else ""),
             "target_fpr": target_fpr,
             "pixel_raw": p_high,
             "image_raw": s_high,
@@ -355,7 +405,10 @@ def train(
         training={
             "data": [{"file": s.path.name, "group": s.group, "sha256": sha256_file(s.path),
                       "frames_used": int(len(tensors[str(s.path)])),
-                      "role": "fit" if s in fit_src else "held-out (normalisation/threshold)"} for s in all_files],
+                      "label": s.label,
+                      "role": ("fit" if s in fit_src or s in abn_fit else
+                               "held-out (normalisation/threshold)" if s in val_src else "unused")}
+                     for s in all_files],
             "frames": {"fit": int(len(fit_arr)), "held_out": int(len(val_arr))},
             "sampling": {"every": every, "max_frames_per_file": max_frames_per_file},
             "region": getattr(region_fn, "__module__", "?") + "." + getattr(region_fn, "__name__", "?"),
@@ -373,6 +426,7 @@ def train(
     card.metrics["heldout_normal"] = {
         "measured_on": "held-out normal frames (same frames the threshold was chosen on, so by construction)",
         "pixel_fpr_at_threshold": float(np.mean(pix > p_high)),
+        "frame_ids": "held-out normal groups " + ", ".join(sorted(val_groups_set)),
         "frame_fpr_at_threshold": float(np.mean(scores > s_high)),
     }
     card.training["seconds"]["total"] = round(time.time() - t_start, 2)
@@ -594,3 +648,208 @@ def _jsonable(o):
     if isinstance(o, np.integer):
         return int(o)
     return o
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the shipped defaults (models/lung, models/breast), chosen from the detector benchmark
+def pick_best(bench: dict, dataset: str, max_ms: float = 10.0) -> str:
+    """Best family for ``dataset`` in ``benchmarks/detectors.json`` (within the latency budget at 256², ORT 2 threads).
+
+    breast: mean of image AUROC, pixel AUROC, Dice and peak hit rate; lung: mean of the brightness-matched frame and clip
+    AUROC (the as-is numbers can be inflated by the brightness shortcut)."""
+    best, best_v = None, -1.0
+    for key, r in bench.get("summary", {}).items():
+        if r["dataset"] != dataset:
+            continue
+        if dataset == "lung" and r["variant"] != "brightness_matched":
+            continue
+        lat = bench.get("latency", {}).get(r["family"], bench.get("latency", {}).get(r["family"].split("+")[0], {}))
+        if min(lat.get("ms_1t", 0), lat.get("ms_2t", 0)) > max_ms:
+            continue
+        a = r["agg"]
+        ks = ("image_auroc", "pixel_auroc", "dice", "peak_hit_rate") if dataset == "busi" else ("image_auroc", "clip_auroc")
+        vals = [a[k]["mean"] for k in ks if a.get(k)]
+        v = float(np.mean(vals)) if vals else -1
+        if v > best_v:
+            best, best_v = r["family"], v
+    if best is None:
+        raise ValueError(f"no benchmark results for {dataset}")
+    return best
+
+
+def _write_model_readme(out_dir: Path, card: ModelCard, organ: str, bench_rows: dict, notes: list[str]) -> None:
+    t = card.threshold
+    m = card.metrics
+    lat = m.get("latency", {})
+    fmt = lambda a: "—" if not a else f"{a['mean']:.3f} ± {a['sd']:.3f} (n={a['n']})"
+    lines = [
+        f"# Model card — `{card.name}` (Sonomaly default {organ} ultrasound anomaly model)", "",
+        "**Not a medical device. A research/demo model trained on a few public images/clips; do not use it for diagnosis.**",
+        "Machine-readable card: `card.json` (schema_version 1) — every number below is in it.", "",
+        "## What it is",
+        f"- **Family:** `{card.family}` (`sonomaly.engines.models`), config `{json.dumps(card.family_config)}`.",
+        f"- {card.description}",
+        f"- **Input:** `input` float32 `[1, {card.input.channels}, {card.input.size[0]}, {card.input.size[1]}]` — "
+        "ch0 = grayscale crop of the scan-region bbox, z-scored per frame *inside the scan mask only* (0 outside, clipped "
+        "to ±4); ch1 = the scan mask. Built by `sonomaly.engines.processing.preprocess` from this card.",
+        f"- **Outputs:** `anomaly_map` `{card.map_shape}` and `score` `[1]`, raw; the card maps them so that 1.0 = threshold "
+        f"(map low {card.map_normalisation.low:.4g} / high {card.map_normalisation.high:.4g}; score low "
+        f"{card.score_normalisation.low:.4g} / high {card.score_normalisation.high:.4g}).",
+        f"- **Files:** `model.onnx` ({(out_dir / 'model.onnx').stat().st_size / 1e6:.2f} MB, opset 17, static shapes), "
+        f"`model.pt` ({(out_dir / 'model.pt').stat().st_size / 1e6:.2f} MB).", "",
+        "## Threshold",
+        f"{t['method']}, target FPR {t['target_fpr']}, chosen on held-out **normal** data only: "
+        f"{t['chosen_on']['frames']} frames of groups {', '.join(t['chosen_on']['groups'])} (never fitted).", "",
+        "## Training data",
+        f"{card.training['frames']['fit']} fit frames / {card.training['frames']['held_out']} held-out normal frames "
+        f"from {len(card.training['data'])} files (sha256 of each in `card.json` → `training.data`); seed "
+        f"{card.training['seed']}, {card.training['fit'].get('steps')} steps, {card.training['seconds']['total']} s on "
+        f"{card.training['threads']} thread(s). Licences and citations: `../shared/data/ultrasound/LICENSES.md` "
+        "(lung: POCUS dataset, CC BY 4.0 / 2.0 per clip; breast: BUSI, Al-Dhabyani et al. 2020, licence caveat there).", "",
+        "## Measured (benchmark, group-aware splits, mean ± sd over seeds; `benchmarks/detectors.md`)",
+        f"The benchmark retrains this family per split at {m.get('benchmark', {}).get('size', '?')}² and evaluates on "
+        "groups never fitted nor used for the threshold; the shipped model itself was fitted at "
+        f"{card.input.size[0]}² on all the training groups, so these numbers describe the recipe, not this exact file. "
+        "Targets of issue 3 for the best family: BUSI image AUROC ≥ 0.92, pixel AUROC ≥ 0.85, Dice ≥ 0.40, peak hit "
+        "≥ 70 %; lung (brightness-matched) clip AUROC 1.0, frame AUROC ≥ 0.90 — **not reached** where the table is "
+        "below them.", "",
+        "| split | image/frame AUROC | image AP | clip AUROC | pixel AUROC | AUPRO | Dice | peak hit | brightness AUROC |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, a in bench_rows.items():
+        lines.append(f"| {label} | " + " | ".join(fmt(a.get(k)) for k in (
+            "image_auroc", "image_ap", "clip_auroc", "pixel_auroc", "aupro", "dice", "peak_hit_rate", "brightness_auroc")) + " |")
+    qc = m.get("quick_check")
+    if qc:
+        a, b = qc.get("as_is", {}), qc.get("brightness_matched", {})
+        lines += ["", "Quick check of *this file* (held-out normal patient `pocus_src14_patient4` — also the threshold "
+                  "patient — vs the 5 abnormal clips; optimistic, tiny): frame / clip AUROC as is "
+                  f"{a.get('frame_auroc')} / {a.get('clip_auroc')}, brightness-matched {b.get('frame_auroc')} / "
+                  f"{b.get('clip_auroc')} (brightness-only frame AUROC {a.get('brightness_frame_auroc')} → "
+                  f"{b.get('brightness_frame_auroc')} after matching)."]
+    if lat:
+        lines += ["", "Latency (`Engine.infer`, batch 1, this shared 2-core CPU): " + "; ".join(
+            f"{k}: {v['ms_median']} ms median (p95 {v['ms_p95']})" for k, v in lat.items()) + "."]
+    lines += ["", "## Limitations"] + [f"- {n}" for n in notes]
+    lines += ["", "## Evaluate", "```sh",
+              f".venv/bin/sonomaly evaluate --model models/{organ} --data DIR --json out.json --report out_dir"
+              "   # DIR: normal/ abnormal/ [masks/]", "```"]
+    lines += ["", "## Rebuild", "```sh",
+              "flock /tmp/sonomaly-cpu.lock .venv/bin/sonomaly bench detectors --data ../shared/data/ultrasound "
+              "--json benchmarks/detectors.json",
+              ".venv/bin/python -c \"from sonomaly.engines.train import train_defaults; "
+              "train_defaults('../shared/data/ultrasound', 'benchmarks/detectors.json')\"", "```"]
+    (out_dir / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | Path | None = None,
+                   organs: Sequence[str] = ("breast", "lung"), size: int | None = None, seed: int = 0,
+                   progress: bool = True, max_seconds: float = 360.0) -> dict[str, str]:
+    """Train the benchmark's best family per organ on all training data and write ``models/<organ>``."""
+    import math
+    import shutil
+    import tempfile
+
+    data_dir = Path(data_dir)
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    bench = json.loads(Path(bench_json).read_text())
+    from sonomaly.tools.bench_detectors import STEPS, family_config
+
+    rows = read_manifest(data_dir)
+    late = _dt.datetime.now().strftime("%H%M") >= "0535"
+    size = size or (128 if late else 256)
+    chosen = {}
+    for organ in organs:
+        ds = "busi" if organ == "breast" else "lung"
+        label = pick_best(bench, ds)
+        fam = label.split("+")[0]
+        cfg = family_config(fam, ds)
+        if organ == "breast":
+            imgs = [r for r in rows if r["organ"] == "breast" and r["kind"] == "image"]
+            groups = sorted({r["group"] for r in imgs if r["label"] == "normal"})
+            rng = np.random.default_rng(seed)
+            rng.shuffle(groups)
+            val = groups[: max(1, round(0.15 * len(groups)))]
+            data = [Source(data_dir / r["path"], r["group"], "normal" if r["label"] == "normal" else "abnormal")
+                    for r in imgs if r["label"] == "normal" or fam in SUPERVISED]
+            every, maxf, n_est = 1, None, len([d for d in data if d.label == "normal"])
+        else:
+            vids = [r for r in rows if r["organ"] == "lung" and r["kind"] == "video" and r["label"] == "normal"]
+            data = [Source(data_dir / r["path"], r["group"]) for r in vids]
+            val = ["pocus_src14_patient4"]
+            every, maxf, n_est = 4, 150, 300
+        steps = bench.get("settings", {}).get("steps", {}).get(label, STEPS.get(fam, 100))
+        epochs = None if steps == 0 else max(1, math.ceil(steps / max(1, math.ceil(n_est / 16))))
+        tmp = Path(tempfile.mkdtemp(prefix=f"sonomaly_{organ}_"))
+        desc = (f"Default {organ} ultrasound anomaly model: family {fam}, the best of the detector benchmark for "
+                f"{'BUSI breast images' if organ == 'breast' else 'lung clips (brightness-matched)'}.")
+        card = train(fam, data, tmp, size=size, epochs=epochs, seed=seed, val_groups=val, every=every,
+                     max_frames_per_file=maxf, family_config=cfg, progress=progress, name=f"{organ}-default",
+                     description=desc, max_seconds=max_seconds)
+        summ = bench.get("summary", {})
+        bench_rows = {}
+        for key, r in summ.items():
+            if r["dataset"] == ds and r["family"] == label:
+                bench_rows[r["dataset_label"]] = r["agg"]
+        card.metrics["benchmark"] = {"what": "benchmarks/detectors.json summary for this family (retrained per split)",
+                                     "size": bench.get("settings", {}).get("size"), "rows": bench_rows}
+        if organ == "lung":
+            normal = [Source(data_dir / r["path"], r["group"], "normal") for r in rows
+                      if r["organ"] == "lung" and r["kind"] == "video" and r["label"] == "normal"]
+            abnormal = [Source(data_dir / r["path"], r["group"], "abnormal") for r in rows
+                        if r["organ"] == "lung" and r["kind"] == "video" and r["label"] != "normal"]
+            ev = evaluate_quick(tmp, [s for s in normal if s.group in val] + abnormal, progress=False,
+                                region_fn=_default_region_fn())
+            ev["note"] = ("held-out normal patient (also the threshold patient) vs the 5 abnormal clips; tiny sample; "
+                          "the family was chosen on the benchmark, which uses these clips")
+            card.metrics["quick_check"] = _jsonable(ev)
+            card.metrics["fitted_normal_clips"] = {
+                "what": "normal clips the model was fitted on (NOT held out: optimistic), with the shipped threshold",
+                "clips": clip_summary(tmp, [s for s in normal if s.group not in val], region_fn=_default_region_fn())}
+        card.metrics["latency"] = {"onnxruntime_2_threads": measure_latency(tmp, "onnxruntime", threads=2, n=100),
+                                   "onnxruntime_1_thread": measure_latency(tmp, "onnxruntime", threads=1, n=100)}
+        card.save(tmp)
+        notes = _default_notes(card, organ, fam)
+        dest = repo / "models" / organ
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("model.onnx", "model.pt", "card.json"):
+            shutil.copy2(tmp / f, dest / f)
+        _write_model_readme(dest, card, organ, bench_rows, notes)
+        shutil.rmtree(tmp, ignore_errors=True)
+        chosen[organ] = label
+        _progress(f"[defaults] {organ}: {fam} -> {dest}", progress)
+    return chosen
+
+
+def _default_notes(card: ModelCard, organ: str, fam: str) -> list[str]:
+    notes = ["Trained from scratch on a small public set; the benchmark's sd shows how much results move between "
+             "splits. Abnormal test data come partly from other sources/machines than the normals (domain shift).",
+             "The scan region used in training/evaluation removes burned-in text and calipers and inpaints them on still "
+             "images (`engines.regions`); the live pipeline uses `stream.roi` only, so burned-in marks can still draw "
+             "some heat live."]
+    if organ == "lung" and "fitted_normal_clips" in card.metrics:
+        fo = card.metrics["fitted_normal_clips"]["clips"]
+        notes.append("Threshold chosen on one convex patient (`pocus_src14_patient4`); frames over it on the *fitted* "
+                     "normal clips: " + ", ".join(f"{k} {v['frames_over_threshold']:.0%}" for k, v in fo.items()) +
+                     ". Linear-probe normals score over the threshold: treat linear-probe scores as uncalibrated "
+                     "(no held-out linear normal patient exists to calibrate on).")
+        notes.append("In the benchmark, the split whose test normal patient includes the linear-probe clips "
+                     "(`pocus_src14_patient10`) fails for every family (frame AUROC ~0.5 or below): the fit data hold no "
+                     "linear normals then. The map follows bright near-field speckle as much as B-lines.")
+    if fam in SUPERVISED and organ == "breast":
+        notes.append("Supervised on BUSI image labels (all abnormal images of the data); its benchmark numbers come "
+                     "from group-disjoint halves.")
+    if fam == "draem":
+        notes.append("The map is the probability of a synthetic-style lesion: it localises dark, well-defined masses "
+                     "best; the threshold is floored at probability 0.5 (held-out normal maps rarely reach it).")
+    return notes
+
+
+def rewrite_readme(organ: str, bench_json: str | Path, repo: str | Path | None = None) -> Path:
+    """Regenerate ``models/<organ>/README.md`` from its card (and the benchmark rows stored in it)."""
+    repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
+    d = repo / "models" / organ
+    card = ModelCard.load(d)
+    rows = card.metrics.get("benchmark", {}).get("rows", {})
+    _write_model_readme(d, card, organ, rows, _default_notes(card, organ, card.family))
+    return d / "README.md"

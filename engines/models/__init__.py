@@ -6,10 +6,15 @@ import torch.nn as nn
 
 
 def families() -> dict[str, type]:
+    from .ae import AutoEncoder
+    from .classifier import CamClassifier
     from .conv_ae import ConvAE
+    from .draem import SyntheticSegmenter
     from .patch_gaussian import PatchGaussian
+    from .student_teacher import StudentTeacher
 
-    return {"patch_gaussian": PatchGaussian, "conv_ae": ConvAE}
+    return {"patch_gaussian": PatchGaussian, "conv_ae": ConvAE, "ae": AutoEncoder, "student_teacher": StudentTeacher,
+            "draem": SyntheticSegmenter, "classifier": CamClassifier}
 
 
 def build(family: str, **config) -> nn.Module:

@@ -6,7 +6,9 @@ image border (a linear probe's rectangle often touches the crop edge) does not l
 receptive field about 31 input pixels) are concatenated and projected to ``dim`` channels with a fixed random
 orthonormal matrix.  Normal feature vectors are modelled by ``bands`` Gaussians along the image *depth* (rows): lung
 ultrasound is layered by depth (skin, muscle, pleura, lung), while it is roughly invariant left-right, so the model is
-shared across columns and interpolated linearly between depth bands.  Memory is bounded: ``bands x dim x dim`` floats.
+shared across columns and interpolated linearly between depth bands.  Memory is bounded: ``bands x dim x dim`` floats (the random projection
+reduces the features to ``dim``; fitting streams sufficient statistics, never storing vectors), and ``cov_fp16=True``
+stores the Cholesky factors in float16 (half the size; cast to float32 in-graph).
 
 The anomaly map is the Mahalanobis distance, computed in-graph as plain matmuls (a 1x1 conv with the Cholesky factor of
 each band's inverse covariance, squared and summed), so ONNX Runtime / TensorRT run exactly the same maths.
@@ -42,6 +44,7 @@ class PatchGaussian(nn.Module):
         score_erode: int = 2,
         eps: float = 0.01,
         seed: int = 0,
+        cov_fp16: bool = False,
     ):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
@@ -53,6 +56,7 @@ class PatchGaussian(nn.Module):
         self.score_erode = int(score_erode)
         self.eps = float(eps)
         self.seed = int(seed)
+        self.cov_fp16 = bool(cov_fp16)
         self.factor = 4
         self.map_hw = (self.size[0] // self.factor, self.size[1] // self.factor)
         self.k = max(1, int(round(self.topk_frac * self.map_hw[0] * self.map_hw[1])))
@@ -75,14 +79,16 @@ class PatchGaussian(nn.Module):
         self.register_buffer("proj", q[:, : self.dim].T.contiguous().reshape(self.dim, feat, 1, 1))
         # Per band: mean [B, D] and Cholesky factor L of the inverse covariance (inv = L L^T), stored as the weight and
         # bias of one 1x1 conv: y_b = L_b^T (f - mu_b)  ->  d2_b = |y_b|^2.
-        self.register_buffer("w_maha", torch.eye(self.dim).repeat(self.bands, 1).reshape(self.bands * self.dim, self.dim, 1, 1))
+        self.register_buffer("w_maha", torch.eye(self.dim).repeat(self.bands, 1).reshape(self.bands * self.dim, self.dim, 1, 1)
+                             .to(torch.float16 if self.cov_fp16 else torch.float32))
         self.register_buffer("b_maha", torch.zeros(self.bands * self.dim))
         self.register_buffer("band_weights", self._band_weights())
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     def config(self) -> dict:
         return dict(size=list(self.size), in_channels=self.in_channels, widths=list(self.widths), dim=self.dim,
-                    bands=self.bands, topk_frac=self.topk_frac, score_erode=self.score_erode, eps=self.eps, seed=self.seed)
+                    bands=self.bands, topk_frac=self.topk_frac, score_erode=self.score_erode, eps=self.eps, seed=self.seed,
+                    cov_fp16=self.cov_fp16)
 
     def _band_weights(self) -> torch.Tensor:
         """``[1, B, h, 1]`` triangular interpolation weights over map rows (sum to 1 per row)."""
@@ -118,7 +124,7 @@ class PatchGaussian(nn.Module):
 
     def distance2(self, f: torch.Tensor) -> torch.Tensor:
         n, d, h, w = f.shape
-        y = F.conv2d(f, self.w_maha, self.b_maha)  # [N, B*D, h, w]
+        y = F.conv2d(f, self.w_maha.float(), self.b_maha)  # [N, B*D, h, w]
         d2 = (y * y).reshape(n, self.bands, d, h, w).sum(2)  # [N, B, h, w]
         return (d2 * self.band_weights).sum(1, keepdim=True)
 
@@ -165,7 +171,7 @@ class PatchGaussian(nn.Module):
         L = torch.linalg.cholesky(inv)  # inv = L L^T ; d2 = |L^T (f - mu)|^2
         W = L.transpose(1, 2)  # [B, D(out), D(in)]
         bias = -(W @ mu[:, :, None])[:, :, 0]
-        self.w_maha.copy_(W.reshape(B * D, D, 1, 1).float())
+        self.w_maha.copy_(W.reshape(B * D, D, 1, 1).to(self.w_maha.dtype))
         self.b_maha.copy_(bias.reshape(B * D).float())
         self.fitted.fill_(True)
         return {"frames": n_frames, "epochs": 1, "seconds": round(time.time() - t0, 2),

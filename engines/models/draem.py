@@ -1,0 +1,95 @@
+"""Synthetic-anomaly self-supervised segmenter (DRAEM / NSA style, one stage) with ultrasound lesion synthesis.
+
+Trained on normal frames only: half of each batch gets synthetic anomalies (:mod:`.synth`: hypo/hyperechoic elliptical
+and irregular masses with speckle-consistent texture, posterior shadowing / enhancement, and for lung B-line-like
+vertical artefacts and subpleural consolidations), and a small U-Net learns to segment them (BCE + soft Dice).
+Anomaly map (in-graph): the sigmoid probability at 1/4 resolution inside the scan mask; score: mean of the top-k
+cells inside the eroded mask.  Because the map is a probability, the pixel threshold chosen on held-out normals is
+floored at ``prob_floor`` (0.5: "more likely lesion than not" by the model's own objective; no abnormal data used).
+Input ``[1,2,H,W]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import erode, flip_aug, mask_at, run_steps, split_input, topk_score
+from .synth import synthesize
+
+FAMILY = "draem"
+
+
+def _cbr(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, padding_mode="reflect"), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class SyntheticSegmenter(nn.Module):
+    prob_floor = 0.5
+
+    def __init__(self, size=(256, 256), in_channels: int = 2, widths=(16, 32, 48, 64), synth: str = "all",
+                 topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5):
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+        self.in_channels, self.widths, self.synth = int(in_channels), tuple(int(w) for w in widths), synth
+        self.topk_frac, self.score_erode, self.seed, self.lr = float(topk_frac), int(score_erode), int(seed), float(lr)
+        self.p_anomaly = float(p_anomaly)
+        self.factor = 4
+        self.map_hw = (self.size[0] // 4, self.size[1] // 4)
+        self.k = max(1, int(round(self.topk_frac * self.map_hw[0] * self.map_hw[1])))
+        torch.manual_seed(self.seed)
+        w0, w1, w2, w3 = self.widths
+        self.e0 = nn.Sequential(_cbr(1, w0, 2), _cbr(w0, w0))          # 1/2
+        self.e1 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))         # 1/4
+        self.e2 = nn.Sequential(_cbr(w1, w2, 2), _cbr(w2, w2))         # 1/8
+        self.e3 = nn.Sequential(_cbr(w2, w3, 2), _cbr(w3, w3))         # 1/16
+        self.d2 = _cbr(w3 + w2, w2)
+        self.d1 = _cbr(w2 + w1, w1)
+        self.head = nn.Conv2d(w1, 1, 1)
+
+    def config(self) -> dict:
+        return dict(size=list(self.size), in_channels=self.in_channels, widths=list(self.widths), synth=self.synth,
+                    topk_frac=self.topk_frac, score_erode=self.score_erode, seed=self.seed, lr=self.lr,
+                    p_anomaly=self.p_anomaly)
+
+    def logits(self, img):
+        a = self.e0(img)
+        b = self.e1(a)
+        c = self.e2(b)
+        d = self.e3(c)
+        c = self.d2(torch.cat([F.interpolate(d, scale_factor=2.0, mode="nearest"), c], 1))
+        b = self.d1(torch.cat([F.interpolate(c, scale_factor=2.0, mode="nearest"), b], 1))
+        return self.head(b)  # 1/4 resolution
+
+    def forward(self, x):
+        img, m = split_input(x)
+        mm = mask_at(m, self.factor)
+        amap = torch.sigmoid(self.logits(img)) * mm
+        return amap, topk_score(amap, erode(mm, self.score_erode), self.k)
+
+    def fit(self, batches, *, epochs: int = 12, progress: bool = True, max_seconds=None, **_) -> dict:
+        torch.manual_seed(self.seed)
+        g = torch.Generator().manual_seed(self.seed)
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        self.train()
+
+        def step(x, y, i):
+            x = flip_aug(x, g)
+            xs, tgt = synthesize(x, g, self.synth, p=self.p_anomaly)
+            img, m = split_input(xs)
+            mm = mask_at(m, self.factor)
+            t = F.avg_pool2d(tgt, self.factor)
+            lg = self.logits(img)
+            bce = (F.binary_cross_entropy_with_logits(lg, t, reduction="none", pos_weight=torch.tensor(3.0)) * mm).sum() / mm.sum().clamp(min=1)
+            p = torch.sigmoid(lg) * mm
+            dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+            loss = bce + dice
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return float(loss.detach())
+
+        info = run_steps(self, batches, epochs, step, progress=progress, max_seconds=max_seconds, label="draem")
+        self.eval()
+        return info
