@@ -10,12 +10,14 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: demo test install chromium clean
+WHIP_DIR := build/whip
+
+.PHONY: demo test install chromium janus clean
 
 demo: $(STAMP)
 	$(BIN)/sonomaly demo --host $(HOST) --port $(PORT)
 
-test: $(STAMP) chromium
+test: $(STAMP) chromium janus
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 install: $(STAMP)
@@ -34,6 +36,19 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 	@command -v chromium >/dev/null 2>&1 || { echo "chromium could not be installed"; exit 1; }
+
+# Debian's janus and simple-whip-server (unpacked, its Node dependencies from npm: the package itself cannot be
+# installed beside this Node.js) for the WHIP end-to-end test. Best effort: without them that one test skips.
+janus:
+	@command -v janus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq janus >/dev/null; } || \
+	  echo "janus could not be installed: the WHIP/Janus test will skip"
+	@[ -d $(WHIP_DIR)/app/node_modules/express ] || { command -v npm >/dev/null 2>&1 && mkdir -p $(WHIP_DIR) && \
+	  cd $(WHIP_DIR) && apt-get download simple-whip-server >/dev/null 2>&1 && \
+	  dpkg-deb -x simple-whip-server_*.deb root && mkdir -p app && cp -r root/usr/share/simple-whip-server/src app/ && \
+	  rm -f app/src/config.js && cd app && \
+	  npm install --no-audit --no-fund --silent async express cors colors debug websocket body-parser >/dev/null; } || \
+	  echo "simple-whip-server could not be set up: the WHIP/Janus test will skip"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -5,7 +5,12 @@ carrying per-frame metadata.
   queueing them (latest frame wins), and never slows the others.
 * Presentation timestamps come from the frame's capture time on the 90 kHz RTP clock (RFC 3551 §5, video), not from
   aiortc's fixed 30 fps pacer, so the receiver's playout follows the source's real timing.
-* The offer/answer exchange is the aiortc example convention: ``POST /offer`` with JSON ``{"sdp", "type"}``.
+* The offer/answer exchange is the aiortc example convention: ``POST /offer`` with JSON ``{"sdp", "type"}``; WHEP
+  (``POST /whep`` with ``application/sdp``) uses the same :meth:`WebRTCServer.answer`.
+* Two encode modes. ``shared`` (default): one :class:`~sonomaly.stream.encoder.SharedEncoder` per stream, and each
+  viewer's :class:`EncodedVideoTrack` returns the same ``av.Packet``s, which aiortc's sender only packetises; the
+  answer is forced to the shared codec and the viewers' keyframe requests reach the shared encoder. ``per-viewer``:
+  aiortc's default, one encoder per peer (:class:`PipelineVideoTrack` returns raw frames), kept for comparison.
 """
 from __future__ import annotations
 
@@ -13,12 +18,15 @@ import asyncio
 import fractions
 import json
 import logging
+import time
+import uuid
 from dataclasses import dataclass, field
 
 import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from sonomaly.stream.encoder import SharedEncoder, codec_mime, hook_keyframe_requests
 from sonomaly.stream.pipeline import OutputHub
 
 log = logging.getLogger("sonomaly.webrtc")
@@ -27,8 +35,24 @@ VIDEO_CLOCK_RATE = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
 
 
+def restrict_codecs(codecs: list, codec: str) -> list:
+    """The negotiated codecs that carry ``codec`` (H.264: packetization-mode 1 only), each with its RTX."""
+    mime = codec_mime(codec).lower()
+    base = [c for c in codecs if c.mimeType.lower() == mime
+            and (codec != "h264" or str(c.parameters.get("packetization-mode")) == "1")]
+    if codec == "h264":  # prefer constrained baseline, what libx264's Baseline profile makes
+        base.sort(key=lambda c: str(c.parameters.get("profile-level-id", "")).lower()[:4] != "42e0")
+    pts = {c.payloadType for c in base}
+    rtx = [c for c in codecs if c.mimeType.lower() == "video/rtx" and c.parameters.get("apt") in pts]
+    return base + rtx
+
+
 class OfferError(ValueError):
     """A malformed offer: the HTTP layer answers 400 with this message."""
+
+
+class TooManyViewers(RuntimeError):
+    """The server is at ``max_viewers``: the HTTP layer answers 503."""
 
 
 class PipelineVideoTrack(MediaStreamTrack):
@@ -73,12 +97,56 @@ class PipelineVideoTrack(MediaStreamTrack):
         super().stop()
 
 
+class EncodedVideoTrack(MediaStreamTrack):
+    """A video track that returns the shared encoder's packets (aiortc packs an ``av.Packet`` without encoding)."""
+
+    kind = "video"
+
+    def __init__(self, encoder: SharedEncoder, *, idle_timeout_s: float = 5.0) -> None:
+        super().__init__()
+        self._encoder = encoder
+        self._sub = None
+        self._idle_timeout_s = idle_timeout_s
+        self.frames_sent = 0
+        self.keyframes_sent = 0
+        self.first_keyframe_s: float | None = None
+        self._t_subscribed: float | None = None
+
+    async def recv(self) -> av.Packet:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._sub is None:
+            self._sub = self._encoder.subscribe()
+            self._t_subscribed = asyncio.get_running_loop().time()
+        pkt = await self._sub.next(timeout=self._idle_timeout_s)
+        if pkt is None:
+            self.stop()
+            raise MediaStreamError
+        self.frames_sent += 1
+        if pkt.keyframe:
+            self.keyframes_sent += 1
+            if self.first_keyframe_s is None:
+                self.first_keyframe_s = asyncio.get_running_loop().time() - self._t_subscribed
+        return pkt.packet
+
+    def stop(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
+        super().stop()
+
+
 @dataclass(eq=False)
 class Viewer:
     pc: RTCPeerConnection
-    track: PipelineVideoTrack
+    track: MediaStreamTrack
     remote: str
+    kind: str = "offer"
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tasks: set[asyncio.Task] = field(default_factory=set)
+    t_created: float = field(default_factory=time.monotonic)
+    last_rtcp: float | None = None
+    """When the viewer last sent RTCP (receiver reports, PLI, REMB): a live peer does so every second or two."""
 
 
 def parse_offer(body: bytes, max_bytes: int = 64 * 1024) -> RTCSessionDescription:
@@ -89,6 +157,8 @@ def parse_offer(body: bytes, max_bytes: int = 64 * 1024) -> RTCSessionDescriptio
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OfferError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise OfferError("body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise OfferError("body must be a JSON object with 'sdp' and 'type'")
     sdp, kind = data.get("sdp"), data.get("type")
@@ -107,21 +177,84 @@ class WebRTCServer:
     """Answers offers and keeps track of the viewers of one pipeline."""
 
     def __init__(self, hub: OutputHub, t0_ns: int, *, ice_servers: list[str] | None = None,
-                 metadata=None) -> None:
+                 metadata=None, encoder: SharedEncoder | None = None, max_viewers: int = 64,
+                 connect_timeout_s: float = 20.0, rtcp_timeout_s: float = 8.0) -> None:
         self.hub = hub
         self.t0_ns = t0_ns
         self.ice_servers = [RTCIceServer(urls=u) for u in (ice_servers or [])]
         self.viewers: set[Viewer] = set()
         self.metadata = metadata
         self.total_viewers = 0
+        self.encoder = encoder
+        """The shared encoder (encode once, fan out), or ``None``: one aiortc encoder per viewer."""
+        self.max_viewers = max_viewers
+        self.connect_timeout_s = connect_timeout_s
+        self.rtcp_timeout_s = rtcp_timeout_s
+        self.dropped_by_watchdog = 0
+        self._watchdog: asyncio.Task | None = None
+
+    async def _watch(self) -> None:
+        """Drop peers that never connect (half-open offers) and peers that vanished without a goodbye (no RTCP)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for v in list(self.viewers):
+                state = v.pc.connectionState
+                never = state in ("new", "connecting") and now - v.t_created > self.connect_timeout_s
+                silent = (state == "connected" and now - (v.last_rtcp or v.t_created) > self.rtcp_timeout_s
+                          and now - v.t_created > self.rtcp_timeout_s)
+                if never or silent:
+                    log.info("dropping viewer %s: %s", v.remote, "never connected" if never else "no RTCP")
+                    self.dropped_by_watchdog += 1
+                    await self._drop(v)
+
+    def _hook_rtcp(self, viewer: Viewer, sender) -> None:
+        handle = sender._handle_rtcp_packet
+
+        async def _noting(packet):
+            viewer.last_rtcp = time.monotonic()
+            return await handle(packet)
+
+        sender._handle_rtcp_packet = _noting
+
+    @property
+    def encode_mode(self) -> str:
+        return "shared" if self.encoder is not None else "per-viewer"
+
+    def by_id(self, viewer_id: str) -> Viewer | None:
+        return next((v for v in self.viewers if v.id == viewer_id), None)
+
+    def make_track(self) -> MediaStreamTrack:
+        return EncodedVideoTrack(self.encoder) if self.encoder is not None else PipelineVideoTrack(self.hub, self.t0_ns)
+
+    def prepare_sender(self, pc: RTCPeerConnection, transceiver, track: MediaStreamTrack) -> None:
+        """With the shared encoder: answer with its codec only, and route the viewer's PLI/FIR to it."""
+        if self.encoder is None:
+            return
+        # The codecs were negotiated in setRemoteDescription: keep only the shared encoder's (and its RTX), so the
+        # answer carries exactly the payload type whose packets the encoder makes.
+        common = restrict_codecs(transceiver._codecs, self.encoder.codec_name)
+        if not common:
+            raise OfferError(f"the offer does not support {codec_mime(self.encoder.codec_name)}, which this server "
+                             f"sends to every viewer (encode once); start the server with another --codec")
+        transceiver._codecs = common
+        hook_keyframe_requests(transceiver.sender, self.encoder)
 
     def _config(self) -> RTCConfiguration:
         return RTCConfiguration(iceServers=list(self.ice_servers))
 
-    async def answer(self, offer: RTCSessionDescription, remote: str = "?") -> RTCSessionDescription:
+    async def answer(self, offer: RTCSessionDescription, remote: str = "?", kind: str = "offer") -> RTCSessionDescription:
+        return (await self.answer_viewer(offer, remote, kind)).pc.localDescription
+
+    async def answer_viewer(self, offer: RTCSessionDescription, remote: str = "?", kind: str = "offer") -> Viewer:
+        if len(self.viewers) >= self.max_viewers:
+            raise TooManyViewers(f"this server already has {len(self.viewers)} viewers (--max-viewers); "
+                                 f"use an SFU (--whip) for more")
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch())
         pc = RTCPeerConnection(configuration=self._config())
-        track = PipelineVideoTrack(self.hub, self.t0_ns)
-        viewer = Viewer(pc, track, remote)
+        track = self.make_track()
+        viewer = Viewer(pc, track, remote, kind)
         self.viewers.add(viewer)
         self.total_viewers += 1
 
@@ -142,7 +275,10 @@ class WebRTCServer:
             transceivers = [t for t in pc.getTransceivers() if t.kind == "video"]
             if not transceivers:
                 raise OfferError("the offer has no video transceiver")
-            pc.addTrack(track)
+            sender = pc.addTrack(track)
+            transceiver = next(t for t in pc.getTransceivers() if t.sender is sender)
+            self.prepare_sender(pc, transceiver, track)
+            self._hook_rtcp(viewer, transceiver.sender)
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
         except OfferError:
@@ -151,7 +287,7 @@ class WebRTCServer:
         except Exception as exc:  # aiortc rejects bad SDP with assorted exceptions
             await self._drop(viewer)
             raise OfferError(f"cannot use this offer: {type(exc).__name__}: {exc}") from None
-        return pc.localDescription
+        return viewer
 
     async def _send_metadata(self, channel) -> None:
         token = self.hub.subscribe_async()
@@ -176,11 +312,28 @@ class WebRTCServer:
         viewer.track.stop()
         for task in list(viewer.tasks):
             task.cancel()
-        await viewer.pc.close()
+        try:
+            await viewer.pc.close()
+        except Exception as exc:  # aiortc can fail to close a half-built peer (e.g. SCTP never started)
+            log.debug("closing viewer %s: %s: %s", viewer.remote, type(exc).__name__, exc)
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await asyncio.gather(*(self._drop(v) for v in list(self.viewers)), return_exceptions=True)
+
+    async def drop_id(self, viewer_id: str) -> bool:
+        viewer = self.by_id(viewer_id)
+        if viewer is None:
+            return False
+        await self._drop(viewer)
+        return True
 
     def stats(self) -> dict:
         return {"viewers": len(self.viewers), "viewers_total": self.total_viewers,
-                "states": sorted(v.pc.connectionState for v in self.viewers)}
+                "viewers_dropped_by_watchdog": self.dropped_by_watchdog, "max_viewers": self.max_viewers,
+                "states": sorted(v.pc.connectionState for v in self.viewers), "encode": self.encode_mode,
+                # per viewer: how long after it subscribed its first keyframe went out (shared encoder)
+                "first_keyframe_ms": sorted(round(v.track.first_keyframe_s * 1000, 1) for v in self.viewers
+                                            if getattr(v.track, "first_keyframe_s", None) is not None),
+                **({"encoder": self.encoder.stats()} if self.encoder is not None else {})}
