@@ -78,6 +78,11 @@ class OutputFrame:
     image: np.ndarray
     yuv: np.ndarray
     meta: dict[str, Any]
+    raw: np.ndarray | None = field(default=None, repr=False)
+    """The raw captured image (no copy; ``None`` for NO SIGNAL frames): raw recordings, feedback."""
+    record: dict[str, Any] | None = field(default=None, repr=False)
+    """This frame's entry in ``Pipeline.records``; later stages (the shared encoder) add their times with
+    :meth:`Pipeline.stamp_record`."""
 
 
 class OutputHub:
@@ -140,6 +145,10 @@ class OutputHub:
 def even_size(image: np.ndarray) -> np.ndarray:
     """Crop to even width and height (I420 and most encoders need them)."""
     h, w = image.shape[:2]
+    if h < 2 or w < 2:  # a 1-pixel frame would crop to nothing: pad it instead (cropping 0 x 0 kills I420)
+        pad = ((0, max(0, 2 - h)), (0, max(0, 2 - w))) + ((0, 0),) * (image.ndim - 2)
+        image = np.pad(image, pad, mode="edge") if image.size else np.zeros((2, 2) + image.shape[2:], image.dtype)
+        h, w = image.shape[:2]
     if h % 2 or w % 2:
         image = image[: h - h % 2, : w - w % 2]
     return image
@@ -168,6 +177,7 @@ class Pipeline:
         self.no_signal_frames = 0
         self.ai_frames = 0
         self.ai_errors = 0
+        self.compose_errors = 0  # frames the composer could not compose (sent raw or as an error card instead)
         self.ai_last_error: str | None = None
         self.ai_failing = engine is None
         self.ai_state = "off" if engine is None else "delayed"
@@ -206,6 +216,16 @@ class Pipeline:
             self.ai_failing = engine is None
             self.ai_reason = None if engine is not None else "no model loaded"
             self._reset_smoother()
+
+    @staticmethod
+    def stamp_record(out: OutputFrame, stage: str, start_ns: int, end_ns: int) -> None:
+        """Add a later stage's time (e.g. ``encode``) to ``out``'s record, from any thread.
+
+        The stage dict is replaced, never mutated, so a reader serialising the records never sees it change size.
+        """
+        rec = out.record
+        if rec is not None:
+            rec["stages_ms"] = {**rec["stages_ms"], stage: (end_ns - start_ns) / 1e6}
 
     def _reset_smoother(self) -> None:
         from sonomaly.engines.processing import TemporalSmoother
@@ -279,10 +299,41 @@ class Pipeline:
                 if frame.signal:
                     last_real_ns = frame.t_capture_ns
                     last_frame = frame
-                    self._emit(self._compose(frame))
+                    try:
+                        out = self._compose(frame)
+                    except Exception as exc:  # noqa: BLE001 - one bad frame must never stop the video
+                        out = self._compose_failed(frame, exc)
+                    self._emit(out)
                     continue
             if (now_ns() - last_real_ns) / 1e6 >= cfg.no_signal_after_ms or (frame is not None and not frame.signal):
-                self._emit(self._no_signal(last_frame))
+                try:
+                    out = self._no_signal(last_frame)
+                except Exception as exc:  # noqa: BLE001
+                    out = self._compose_failed(None, exc)
+                self._emit(out)
+
+    def _compose_failed(self, frame: Frame | None, exc: BaseException) -> OutputFrame:
+        """Composing failed (an odd frame, an overlay bug): send the raw frame as it is, else an error card, so the
+        composer thread never dies and the picture never freezes."""
+        self.compose_errors += 1
+        if self.compose_errors == 1 or self.compose_errors % 100 == 0:
+            log.error("composing frame %s failed (%d so far): %s: %s", getattr(frame, "id", None),
+                      self.compose_errors, type(exc).__name__, exc)
+        t = now_ns()
+        meta = {"frame_id": None, "t_capture_ns": t, "score": None,
+                "threshold": float(getattr(self.config.style, "threshold", 1.0)), "ai": "off", "ai_frame_id": None,
+                "ai_lag_ms": None, "signal": False}
+        try:
+            img = frame.image
+            if img.ndim == 2:
+                img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+            image = even_size(np.ascontiguousarray(img[:, :, :3], dtype=np.uint8))
+            yuv = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420)
+            meta.update(frame_id=frame.id, t_capture_ns=frame.t_capture_ns, signal=True)
+            return OutputFrame(0, frame.id, frame.t_capture_ns, t, image, yuv, meta)
+        except Exception:  # noqa: BLE001 - not even the raw frame: an error card at a safe size
+            image = overlay.no_signal_frame(480, 640, "VIDEO ERROR", f"{type(exc).__name__}"[:80])
+            return OutputFrame(0, -1, t, t, image, cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), meta)
 
     def _nominal_fps(self, frame: Frame | None) -> float:
         fps = (frame.meta.get("fps") if frame is not None else None) or self.config.fallback_fps
@@ -335,7 +386,7 @@ class Pipeline:
         if region is None or region.frame_shape != frame.image.shape[:2]:
             region = ScanRegion.full(*frame.image.shape[:2])
             draw = draw and ai is not None and ai.amap.shape == frame.image.shape[:2]
-        threshold = 1.0
+        threshold = float(cfg.style.threshold)
         score = ai.score if (ai is not None and state == "ok") else None
         hud = self._hud_lines(frame) if cfg.hud else []
         image = overlay.compose(
@@ -370,7 +421,7 @@ class Pipeline:
                                                  {k: (b - a) / 1e6 for k, (a, b) in ai.stages.items()})},
         }
         self.records.append(record)
-        return OutputFrame(0, frame.id, frame.t_capture_ns, t1, image, yuv, meta)
+        return OutputFrame(0, frame.id, frame.t_capture_ns, t1, image, yuv, meta, raw=frame.image, record=record)
 
     def _no_signal(self, last: Frame | None) -> OutputFrame:
         h, w = last.image.shape[:2] if last is not None else (480, 640)
@@ -381,7 +432,8 @@ class Pipeline:
         image = even_size(overlay.no_signal_frame(h, w, "NO SIGNAL", text or (detail[:80] if detail else None)))
         t = now_ns()
         self.no_signal_frames += 1
-        meta = {"frame_id": None, "t_capture_ns": t, "score": None, "threshold": 1.0, "ai": self.ai_state,
+        meta = {"frame_id": None, "t_capture_ns": t, "score": None, "threshold": float(self.config.style.threshold),
+                "ai": self.ai_state,
                 "ai_frame_id": None, "ai_lag_ms": None, "signal": False}
         return OutputFrame(0, -1, t, t, image, cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), meta)
 
@@ -421,6 +473,7 @@ class Pipeline:
             "ai": self.ai_state,
             "ai_frames": self.ai_frames,
             "ai_errors": self.ai_errors,
+            "compose_errors": self.compose_errors,
             "ai_reason": self.ai_reason,
             "source": {
                 "uri": getattr(src, "uri", None),

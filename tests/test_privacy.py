@@ -1,0 +1,106 @@
+"""Privacy: DICOM patient metadata never reaches the stream, logs, recordings, metrics or feedback data.
+
+A DICOM written with pydicom carries PatientName, PatientID, PatientBirthDate, OtherPatientIDs, InstitutionName and
+ReferringPhysicianName (stream/faults.PATIENT) and the name burned into the pixels' margin. It is served by a real
+``sonomaly serve`` (log level debug), watched by an aiortc viewer, recorded and fed back; every response, the data
+channel, the log and every file written are searched for the patient strings.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from sonomaly.stream import faults as F
+
+
+@pytest.fixture(scope="module")
+def privacy_result(tmp_path_factory):
+    return F.scenario_privacy(F.Context(tmp_path_factory.mktemp("privacy")))
+
+
+def test_no_patient_string_reaches_any_output(privacy_result):
+    r = privacy_result
+    assert r.error is None, r.error
+    assert r.checks["a recording and a feedback frame were made (the checks looked at real files)"], r.metrics
+    for place in ("/health", "/api/records", "data channel metadata", "server log (debug)"):
+        assert place in r.metrics["places_checked"]
+    assert any(p.startswith("file rec") for p in r.metrics["places_checked"])
+    assert any(p.startswith("file fb") for p in r.metrics["places_checked"])
+    assert r.checks["no patient string anywhere"], r.metrics["leaks"]
+
+
+@pytest.mark.xfail(strict=True, reason="stream/control.py deidentify: the detected scan region (stream/roi.py) of "
+                                       "this sector image covers most of the top-left margin, so the burned-in name "
+                                       "stays in saved feedback frames")
+def test_feedback_frames_hide_burned_in_text(privacy_result):
+    assert privacy_result.checks["feedback frames de-identified (burned-in name blacked out)"], \
+        privacy_result.metrics["burned_in_box_max_per_saved_file"]
+
+
+@pytest.mark.xfail(strict=True, reason="stream/recorder.py: recordings are not de-identified (burned-in patient "
+                                       "annotations stay in the mp4)")
+def test_recordings_hide_burned_in_text(privacy_result):
+    assert privacy_result.checks["recordings de-identified (burned-in name blacked out)"], \
+        privacy_result.metrics["burned_in_box_max_per_saved_file"]
+
+
+def test_pipeline_frames_records_and_logs_in_process(tmp_path, caplog):
+    """In process, at DEBUG: frame metadata, /health stats, timing records and every log line."""
+    from sonomaly.stream.pipeline import Pipeline
+    from sonomaly.stream.sources import ReconnectingSource, open_source
+
+    caplog.set_level(logging.DEBUG)
+    path = F.privacy_dicom(tmp_path / "cine.dcm", n=8)
+    src = ReconnectingSource(lambda: open_source(path, loop=True))
+    p = Pipeline(src, None)
+    seen = []
+    p.start()
+    try:
+        deadline = time.monotonic() + 5
+        seq = 0
+        while time.monotonic() < deadline and len(seen) < 10:
+            seq, out = p.out.slot.get_newer(seq, timeout=0.5, take=False)
+            if out is not None:
+                seen.append(repr(out.meta))
+        stats = p.stats()
+    finally:
+        p.stop()
+    assert len(seen) >= 10
+    text = " ".join(seen) + repr(stats) + repr(list(p.records)) + caplog.text
+    assert not F.find_patient_data(text)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("breakage", ["truncated", "no pixel data", "undecodable compressed data"])
+def test_errors_about_a_patient_file_name_no_patient(tmp_path, caplog, breakage):
+    """Failures are reported (SourceError, /health last_error, logs) without any patient attribute."""
+    from sonomaly.stream.sources import ReconnectingSource, SourceError, open_source
+
+    caplog.set_level(logging.DEBUG)
+    ds = F.dicom_dataset(F.clip_frames(2, (32, 48)))
+    if breakage == "no pixel data":
+        del ds.PixelData
+    if breakage == "undecodable compressed data":
+        from pydicom.encaps import encapsulate
+        from pydicom.uid import JPEGBaseline8Bit
+
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PixelData = encapsulate([b"\xff\xd8 not a jpeg"] * 2)
+    path = F.save_dicom(ds, tmp_path / "broken.dcm")
+    if breakage == "truncated":
+        data = (tmp_path / "broken.dcm").read_bytes()
+        (tmp_path / "broken.dcm").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SourceError) as ei:
+        with open_source(path, realtime=False) as s:
+            list(s)
+    rs = ReconnectingSource(lambda: open_source(path), backoff_initial=0.05, backoff_max=0.05,
+                            placeholder_interval=0.01)
+    rs.open()
+    frame = rs.read()
+    rs.close()
+    assert frame is not None and not frame.signal
+    text = str(ei.value) + repr(rs.last_error) + repr(frame.meta) + caplog.text
+    assert "broken.dcm" in text  # the failure is reported...
+    assert not F.find_patient_data(text)  # ...without patient data
