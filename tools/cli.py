@@ -5,6 +5,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,38 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                         "fast enough (default 15; 0 draws the newest heatmap at once)")
     p.add_argument("--no-hud", action="store_true", help="hide the HUD (fps, latency, backend, model)")
     p.add_argument("--log-level", default="info")
+    g = p.add_argument_group("streaming (docs/STREAMING.md)")
+    g.add_argument("--encode", choices=["shared", "per-viewer"], default="shared",
+                   help="shared: one encoder for all viewers (default); per-viewer: aiortc's one encoder per viewer")
+    g.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="codec of the shared encoder (default vp8)")
+    g.add_argument("--bitrate", default="4M", help="bitrate of the shared encoder, e.g. 2M..6M on a hospital LAN "
+                                                   "(default 4M)")
+    g.add_argument("--max-viewers", type=int, default=64,
+                   help="direct WebRTC viewers at most (more get 503; use --whip and an SFU for large audiences)")
+    g.add_argument("--whip", default=None, metavar="URL", help="also publish the stream to this WHIP ingest")
+    g.add_argument("--whip-token", default=None, metavar="T", help="bearer token for the WHIP ingest")
+    g.add_argument("--recordings", default="recordings", metavar="DIR", help="recordings and event clips")
+    g.add_argument("--feedback-dir", default="feedback", metavar="DIR",
+                   help="dataset folder for viewer feedback (de-identified frames + metadata)")
+    g.add_argument("--models-dir", default=None, metavar="DIR",
+                   help="models the control API may switch to (default: the repository's models/)")
+    g.add_argument("--event-clips", action="store_true",
+                   help="write an event clip when the score stays over the threshold (see --event-frames)")
+    g.add_argument("--event-frames", type=int, default=10, help="frames over the threshold that start a clip")
+    g.add_argument("--pre-roll", type=float, default=3.0, help="seconds of pre-roll in event clips")
+    g = p.add_argument_group("security")
+    g.add_argument("--viewer-token", default=os.environ.get("SONOMALY_VIEWER_TOKEN"),
+                   help="token remote viewers need (env SONOMALY_VIEWER_TOKEN; none: watching is open)")
+    g.add_argument("--control-token", default=os.environ.get("SONOMALY_CONTROL_TOKEN"),
+                   help="token for the control API and /metrics (env SONOMALY_CONTROL_TOKEN; none: loopback only)")
+    g.add_argument("--no-loopback-exempt", action="store_true",
+                   help="require tokens from loopback clients too (by default the local display needs none)")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from this origin to call the API (repeatable; none by default)")
+    g.add_argument("--signalling-rate", type=float, default=2.0,
+                   help="/offer and /whep requests per second per remote address (burst 20; 0: no limit)")
+    g.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM): serve https")
+    g.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,13 +135,32 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
         engine = engines.load(model_dir, backend=args.backend, **opts)
         log.info("model %s on %s (%s)", engine.card.name, engine.backend, engine.backend_reason or "as asked")
     # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended
-    live = source_uri.startswith(LIVE_PREFIXES)
+    live = source_uri.removeprefix("stamp:").startswith(LIVE_PREFIXES)  # stamp: = frame-id barcode (latency)
     source = ReconnectingSource(lambda: open_source(source_uri, loop=loop), reconnect_on_end=live)
     config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms, hud=not args.no_hud)
     pipeline = Pipeline(source, engine, config)
-    app = create_app(pipeline, ice_servers=args.ice_server)
-    print(f"Sonomaly: streaming {source_uri} — open http://{args.host}:{args.port}/ in a browser", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    from sonomaly.stream.app import ServerOptions
+    from sonomaly.stream.encoder import parse_bitrate
+    from sonomaly.stream.recorder import EventConfig
+    from sonomaly.stream.security import SecurityConfig
+
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("sonomaly: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
+    options = ServerOptions(
+        encode=args.encode, codec=args.codec, bitrate=parse_bitrate(args.bitrate),
+        security=SecurityConfig(viewer_token=args.viewer_token, control_token=args.control_token,
+                                exempt_loopback=not args.no_loopback_exempt, rate_per_s=args.signalling_rate,
+                                cors_origins=list(args.cors_origin)),
+        recordings_dir=Path(args.recordings), dataset_dir=Path(args.feedback_dir),
+        models_dir=Path(args.models_dir) if args.models_dir else DEMO_MODEL.parent,
+        events=EventConfig(enabled=args.event_clips, event_frames=args.event_frames, pre_roll_s=args.pre_roll),
+        whip_url=args.whip, whip_token=args.whip_token, max_viewers=args.max_viewers)
+    app = create_app(pipeline, ice_servers=args.ice_server, options=options)
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"Sonomaly: streaming {source_uri} — open {scheme}://{args.host}:{args.port}/ in a browser", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
     return 0
 
 
