@@ -29,6 +29,8 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
+from sonomaly.stream.privacy import deidentify
+
 log = logging.getLogger("sonomaly.control")
 
 
@@ -113,19 +115,6 @@ def _png(image: np.ndarray) -> bytes:
     if not ok:
         raise HTTPException(500, "PNG encoding failed")
     return buf.tobytes()
-
-
-def deidentify(image: np.ndarray, region) -> np.ndarray:
-    """Black out everything outside the scan region (burned-in names, dates and IDs live in the margins)."""
-    if region is None or getattr(region, "frame_shape", None) != image.shape[:2]:
-        # no region known: keep nothing but the central 80 % (margins are where text sits)
-        h, w = image.shape[:2]
-        out = np.zeros_like(image)
-        out[h // 10: h - h // 10, w // 10: w - w // 10] = image[h // 10: h - h // 10, w // 10: w - w // 10]
-        return out
-    out = image.copy()
-    out[region.mask == 0] = 0
-    return out
 
 
 def router(state: ControlState, guard) -> APIRouter:
@@ -257,7 +246,7 @@ def _save_feedback(state: ControlState, fb: Feedback, out) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     raw = out.raw if out.raw is not None else out.image
     cv2.imwrite(str(folder / f"{item}.png"), deidentify(raw, region))
-    cv2.imwrite(str(folder / f"{item}_overlay.png"), deidentify(out.image, region))
+    cv2.imwrite(str(folder / f"{item}_overlay.png"), deidentify(out.image, region, raw))
     meta = {
         "id": item, "kind": fb.kind, "note": fb.note,
         # a day, not a moment: the exam time is itself identifying

@@ -2112,9 +2112,24 @@ def find_patient_data(blob: bytes | str) -> list[str]:
     return [n for n in _needles() if n.lower().encode() in low]
 
 
+def _text_template() -> np.ndarray:
+    """bool mask of the burned-in name's strokes inside :data:`BURN_BOX`, drawn exactly as :func:`privacy_dicom`."""
+    import cv2
+
+    box = np.zeros((BURN_BOX[0].stop, BURN_BOX[1].stop), np.uint8)
+    cv2.putText(box, "DOE^JANE", (4, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.55, 255, 2)
+    return box > 127
+
+
 def _box_max(image: np.ndarray) -> int:
+    """How legible the burned-in name still is: mean brightness of its strokes minus that of the rest of its box
+    (0 when blacked out or covered by a uniform banner; about 255 when the name shows as burned in)."""
     g = image if image.ndim == 2 else image.max(axis=2)
-    return int(g[BURN_BOX].max()) if g.shape[0] >= 30 and g.shape[1] >= 130 else -1
+    if g.shape[0] < BURN_BOX[0].stop or g.shape[1] < BURN_BOX[1].stop:
+        return -1
+    box = g[BURN_BOX].astype(np.float32)
+    t = _text_template()
+    return int(max(0.0, box[t].mean() - box[~t].mean()))
 
 
 def scenario_privacy(ctx: Context) -> ScenarioResult:
@@ -2183,7 +2198,7 @@ def scenario_privacy(ctx: Context) -> ScenarioResult:
     shown = {k: v for k, v in burned.items() if v > 60}
     res.metrics.update({"places_checked": sorted(places), "leaks": leaks, "files_written": len(files),
                         "recorded": recorded, "feedback_saved": fed_back,
-                        "burned_in_box_max_per_saved_file": burned})
+                        "burned_in_text_contrast_per_saved_file": burned})
     res.checks["no patient string anywhere"] = not leaks
     res.checks["a recording and a feedback frame were made (the checks looked at real files)"] = recorded and fed_back
     res.checks["feedback frames de-identified (burned-in name blacked out)"] = not any(

@@ -26,6 +26,8 @@ import av
 import cv2
 import numpy as np
 
+from sonomaly.stream.privacy import deidentify
+
 log = logging.getLogger("sonomaly.recorder")
 
 
@@ -185,8 +187,9 @@ class Recorder:
             with self._lock:
                 try:
                     if self._manual is not None:
-                        img = out.image if self._manual_kind == "overlay" or out.raw is None else out.raw
-                        self._manual.write(img, out.t_capture_ns)
+                        raw = out.raw if out.raw is not None else out.image
+                        img = out.image if self._manual_kind == "overlay" else raw
+                        self._manual.write(deidentify(img, self.pipeline.tracker.current, raw), out.t_capture_ns)
                     self._watch_events(out)
                 except Exception as exc:  # a full disk must not stop the stream
                     log.error("recording failed: %s: %s", type(exc).__name__, exc)
@@ -203,7 +206,7 @@ class Recorder:
         self._over = self._over + 1 if over else 0
         self._under = 0 if over else self._under + 1
         if self._event is not None:
-            self._event.write(out.image, out.t_capture_ns)
+            self._event.write(self._clean(out), out.t_capture_ns)
             too_long = (out.t_capture_ns - self._event_started_ns) / 1e9 > cfg.max_clip_s
             if self._under >= max(1, int(cfg.post_roll_s * self.fps)) or too_long or not cfg.enabled:
                 self._close_event()
@@ -216,8 +219,11 @@ class Recorder:
             pre_ns = int(cfg.pre_roll_s * 1e9)
             for f in list(self.ring):
                 if out.t_capture_ns - f.t_capture_ns <= pre_ns:
-                    self._event.write(f.image, f.t_capture_ns)
+                    self._event.write(self._clean(f), f.t_capture_ns)
             self.last_event = {"path": str(path), "trigger_frame_id": out.frame_id, "score": score}
+
+    def _clean(self, out) -> np.ndarray:
+        return deidentify(out.image, self.pipeline.tracker.current, out.raw if out.raw is not None else out.image)
 
     def _close_event(self) -> None:
         w = self._event
