@@ -41,8 +41,9 @@ class PipelineConfig:
     """A heatmap older than this (capture time of its frame vs. the frame on screen) is not drawn: "AI DELAYED"."""
     ai_wait_ms: float = 15.0
     """How long the composer may wait for the heatmap of the very frame it is composing before using the newest one."""
-    no_signal_after_ms: float = 500.0
-    """Without a new frame for this long, the outputs show "NO SIGNAL" frames."""
+    no_signal_after_ms: float = 200.0
+    """Without a new frame for this long (or 2.5 frame intervals of a slow source, whichever is longer), the outputs
+    show "NO SIGNAL" frames: a lost source never looks like a frozen picture for longer than that."""
     fallback_fps: float = 30.0
     """Rate of "NO SIGNAL" frames when the source gives none."""
     engine_retry_s: float = 1.0
@@ -305,7 +306,8 @@ class Pipeline:
                         out = self._compose_failed(frame, exc)
                     self._emit(out)
                     continue
-            if (now_ns() - last_real_ns) / 1e6 >= cfg.no_signal_after_ms or (frame is not None and not frame.signal):
+            silent_ms = (now_ns() - last_real_ns) / 1e6
+            if silent_ms >= max(cfg.no_signal_after_ms, 2500.0 / fps) or (frame is not None and not frame.signal):
                 try:
                     out = self._no_signal(last_frame)
                 except Exception as exc:  # noqa: BLE001
