@@ -26,6 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: " + ", ".join(SIZES))
     p.add_argument("--threads", type=int, default=None, help="inference threads")
     p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--md", default=None, help="also write a Markdown table here")
 
 
 def machine() -> dict:
@@ -114,6 +115,23 @@ def run(args) -> int:
     result = {"benchmark": "pipeline", "model": engine.card.name, "backend": engine.backend,
               "clip": Path(args.clip).name, "machine": machine(), "results": rows,
               "date": time.strftime("%Y-%m-%d")}
+    if args.md:
+        m = result["machine"]
+        lines = ["# Pipeline stages — ms per frame (p50 / p99)", "",
+                 f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, ONNX Runtime {m['onnxruntime']}, "
+                 f"OpenCV {m['opencv']}. Model `{engine.card.name}` on {engine.backend}; clip `{result['clip']}` "
+                 f"resized to each size; {args.frames} frames per size after 10 warm-up frames. "
+                 f"Command: `sonomaly bench pipeline --json benchmarks/pipeline.json --md benchmarks/pipeline.md` "
+                 f"({result['date']}).", "",
+                 "| size | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+        for r in rows:
+            lines.append(f"| {r['size']} | " + " | ".join(f"{r['stages'][s]['p50']:.2f} / {r['stages'][s]['p99']:.2f}"
+                                                         for s in stages) + " |")
+        lines += ["", "`total` is the work the pipeline's threads do for one frame (the worker does ROI to postprocess, "
+                  "the composer overlay and I420; they run in parallel on different frames). Encoding and the network "
+                  "are measured by `sonomaly latency` and `sonomaly bench viewers`."]
+        Path(args.md).write_text("\n".join(lines) + "\n")
+        print(f"wrote {args.md}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
