@@ -6,32 +6,37 @@ frame's capture time under its id (``/api/records``); a receiver that reads the 
 to show knows when that very frame was captured, so ``presentation time - capture time`` is the glass-to-glass
 latency, with no clock other than the host's own.
 
-The code (``ROWS x COLS`` cells of ``cell`` px, a black quiet zone of one cell around it)::
+The code (``ROWS x COLS`` cells of ``cell`` px)::
 
     row 0      1 0 1 0      start guard (known white/black cells: they calibrate the threshold)
     rows 1-6   24 bits      frame id (mod 2**24), most significant bit first, row by row
     rows 7-8    8 bits      CRC-8 (poly 0x07) of the id's three bytes
     row 9      0 1 0 1      stop guard
 
-* **Cells are big** (``cell_size(height)``: 10 px at 450 lines, 16 px at 720, never below 8) and pure black/white, so
-  VP8 and H.264 at a few hundred kbit/s keep each cell's centre far from the threshold; the decoder averages only the
-  central half of each cell.
+* **Cells are codec macroblocks**: 16 x 16 px (8 for frames under 192 lines), pure black or white, on the 16-px grid
+  counted from the top-left corner — the grid VP8 and H.264 code in. Each cell is then one flat block: even at the
+  coarsest quantiser its reconstructed level stays on the right side of the threshold (a cell straddling blocks
+  would share them with its neighbours and depend on AC coefficients, the first thing a starved encoder drops). The
+  decoder averages only the central half of each cell, away from the deblocking filter's reach.
 * **Where**: at the left edge, vertically centred (``layout``). The overlay uses all four corners (score gauge,
   HUD) and the top centre (banners), so no corner of the *composed* frame is reliably free; the left-edge middle is.
   When that spot lies outside the scan region (letter-boxed linear probes, wide UI margins), the code is drawn in the
-  frame; when it would cover the scan — the usual case for a convex probe that fills the frame — the frame is padded
-  on the left by a black band ``band_width(height)`` px wide and the code goes into the band. The scan region
-  detector ignores the band (background), so the model sees the same pixels either way.
+  frame with a black quiet zone; when it would cover the scan — the usual case for a convex probe that fills the
+  frame — the frame is padded on the left by a black band ``band_width(height, width)`` px wide (80 px at 450 lines:
+  the code's 64 px and a gap, ``gap_width``, that keeps the scan-region detector from merging code and scan). The
+  scan region detector ignores the band (background), so the model sees the same pixels either way.
 * **Decoding** (:func:`decode`, and the same algorithm in JavaScript, :data:`JS_DECODER`, for canvas pixels in a
   browser): sample the cell centres, set the threshold half way between the guard cells' black and white levels,
-  require clear contrast and every guard cell on the right side, then check the CRC. Anything else is "unreadable"
-  (``None``), never a wrong id in practice (a false accept needs 8 guards and an 8-bit CRC to agree by chance).
+  require clear contrast and every guard cell on the right side, then check the CRC. Anything else is unreadable
+  (``None``; :func:`decode_detail` says whether there was no code at all or a damaged one), never a wrong id in
+  practice (a false accept needs 8 guards and an 8-bit CRC to agree by chance).
 
 Frame ids are re-drawn whenever a frame's ``id`` is reassigned (``ReconnectingSource`` renumbers the frames of the
 sources it wraps), so the code always shows the id the server records.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,14 +65,23 @@ def crc8(data: bytes, poly: int = 0x07) -> int:
 
 
 def cell_size(height: int) -> int:
-    """Cell side in pixels for a frame of this height (10 px at 450 lines, 16 at 720, 24 at 1080, min 8)."""
-    return max(8, int(round(height / 45)))
+    """Cell side in pixels: 16 (one codec macroblock), or 8 for frames under 192 lines."""
+    return 16 if height >= (ROWS + 2) * 16 else 8
 
 
-def band_width(height: int) -> int:
-    """Width of the padding band (the code plus a one-cell quiet zone each side), even for YUV 4:2:0."""
-    w = (COLS + 2) * cell_size(height)
-    return w + (w % 2)
+def gap_width(height: int, width: int) -> int:
+    """Black columns between the code and the picture (a multiple of the cell, so the picture starts on a macroblock
+    boundary). Wide enough that the scan-region detector, which works on a copy ~256 px across, sees at least 6 px of
+    background there and never merges the code into the scan (measured: without a gap the code's cells joined the
+    sector's hull and the heatmap was blended over them)."""
+    c = cell_size(height)
+    need = 6.0 * max(height, width + COLS * c + c) / 256.0
+    return max(c, int(math.ceil(need / c)) * c)
+
+
+def band_width(height: int, width: int) -> int:
+    """Width of the padding band for a ``height x width`` picture: the code's columns plus the gap (80 px at 450)."""
+    return COLS * cell_size(height) + gap_width(height, width)
 
 
 @dataclass(frozen=True)
@@ -84,21 +98,22 @@ class Layout:
     def height(self) -> int:
         return ROWS * self.cell
 
-    @property
-    def quiet(self) -> tuple[int, int, int, int]:
-        """``(x0, y0, x1, y1)`` of the code plus its one-cell quiet zone."""
+    def quiet(self, gap: int) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)`` of the code plus its quiet zone (``gap`` px right, one cell above and below)."""
         c = self.cell
-        return self.x0 - c, self.y0 - c, self.x0 + self.width + c, self.y0 + self.height + c
+        return self.x0, self.y0 - c, self.x0 + self.width + gap, self.y0 + self.height + c
 
 
 def layout(height: int, width: int | None = None) -> Layout:
-    """Where the code sits in a frame of this size: one cell from the left edge, vertically centred."""
+    """Where the code sits in a frame of this size: at the left edge, vertically centred, every cell on the
+    ``cell``-pixel grid (so on the encoders' 16x16 macroblock grid: each cell is one flat block that even a coarse
+    quantiser reproduces on the right side of the threshold)."""
     c = cell_size(height)
     if height < (ROWS + 2) * c:
         raise ValueError(f"frame too small for a frame-id code: height {height} < {(ROWS + 2) * c}")
-    if width is not None and width < (COLS + 2) * c:
-        raise ValueError(f"frame too small for a frame-id code: width {width} < {(COLS + 2) * c}")
-    return Layout(c, (height - ROWS * c) // 2, c)
+    if width is not None and width < (COLS + 1) * c:
+        raise ValueError(f"frame too small for a frame-id code: width {width} < {(COLS + 1) * c}")
+    return Layout(0, (height - ROWS * c) // 2 // c * c, c)
 
 
 def bits_for(frame_id: int) -> np.ndarray:
@@ -111,12 +126,18 @@ def bits_for(frame_id: int) -> np.ndarray:
     return grid
 
 
+def clear_quiet_zone(image: np.ndarray) -> np.ndarray:
+    """Blacken the code's spot and its quiet zone (for a code drawn inside the picture), in place."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = layout(h, w).quiet(gap_width(h, w))
+    image[y0:y1, x0:x1] = 0
+    return image
+
+
 def draw(image: np.ndarray, frame_id: int) -> np.ndarray:
-    """Write the code for ``frame_id`` into ``image`` (H x W x 3 or H x W uint8) in place, quiet zone included."""
+    """Write the code's cells for ``frame_id`` into ``image`` (H x W x 3 or H x W uint8), in place."""
     h, w = image.shape[:2]
     lay = layout(h, w)
-    qx0, qy0, qx1, qy1 = lay.quiet
-    image[qy0:qy1, max(0, qx0):qx1] = 0
     cells = np.kron(bits_for(frame_id), np.ones((lay.cell, lay.cell), np.uint8)) * 255
     region = image[lay.y0:lay.y0 + lay.height, lay.x0:lay.x0 + lay.width]
     if image.ndim == 3:
@@ -154,16 +175,22 @@ def cell_levels(image: np.ndarray, order: str = "bgr") -> np.ndarray | None:
 def decode(image: np.ndarray, order: str = "bgr") -> int | None:
     """The frame id (mod 2**24) written by :func:`draw`, read from decoded pixels; None when unreadable.
 
-    ``image``: ``H x W`` luma/gray, or ``H x W x 3|4`` in ``order`` ("bgr" for OpenCV/PyAV bgr24, "rgb" for canvas RGBA).
+    ``image``: ``H x W`` luma/gray, or ``H x W x 3|4`` in ``order`` ("bgr": OpenCV/PyAV bgr24, "rgb": canvas RGBA).
     """
+    return decode_detail(image, order)[0]
+
+
+def decode_detail(image: np.ndarray, order: str = "bgr") -> tuple[int | None, str]:
+    """``(id, "ok")``, ``(None, "no_code")`` (no guard pattern: a frame without a code, e.g. NO SIGNAL) or
+    ``(None, "damaged")`` (the guards are there but the CRC fails: pixels the codec or an overlay spoiled)."""
     levels = cell_levels(np.asarray(image), order)
     if levels is None:
-        return None
+        return None, "no_code"
     guards = np.array([GUARD_START, GUARD_STOP], bool)
     g = levels[[0, -1]]
     white, black = g[guards], g[~guards]
     if white.min() - black.max() < MIN_CONTRAST:
-        return None
+        return None, "no_code"
     thr = (white.mean() + black.mean()) / 2.0
     data = (levels[1:-1] > thr).astype(np.uint32).ravel()
     v = 0
@@ -173,8 +200,8 @@ def decode(image: np.ndarray, order: str = "bgr") -> int | None:
     for bit in data[ID_BITS:]:
         crc = (crc << 1) | int(bit)
     if crc8(v.to_bytes(3, "big")) != crc:
-        return None
-    return v
+        return None, "damaged"
+    return v, "ok"
 
 
 def unwrap(code: int, reference: int) -> int:
@@ -198,13 +225,16 @@ JS_DECODER = r"""
     }
     return crc;
   }
-  function cellSize(h) { return Math.max(8, Math.round(h / 45)); }
+  function cellSize(h) { return h >= (ROWS + 2) * 16 ? 16 : 8; }
   function layout(h, w) {
     const c = cellSize(h);
-    if (h < (ROWS + 2) * c || w < (COLS + 2) * c) return null;
-    return { x0: c, y0: Math.floor((h - ROWS * c) / 2), cell: c, width: COLS * c, height: ROWS * c };
+    if (h < (ROWS + 2) * c || w < (COLS + 1) * c) return null;
+    return { x0: 0, y0: Math.floor(Math.floor((h - ROWS * c) / 2) / c) * c, cell: c, width: COLS * c,
+             height: ROWS * c };
   }
   // data: RGBA bytes of a box of width `bw` whose top-left pixel is frame pixel (ox, oy).
+  // Returns the id, or null; `lastReason` says "ok", "no_code" (no guard pattern) or "damaged" (CRC fails).
+  const api = { lastReason: "ok" };
   function decode(data, bw, lay, ox, oy) {
     const c = lay.cell, a = Math.floor(c / 4), b = c - Math.floor(c / 4);
     const levels = [];
@@ -228,7 +258,7 @@ JS_DECODER = r"""
       (GUARD_START[q] ? white : black).push(levels[0][q]);
       (GUARD_STOP[q] ? white : black).push(levels[ROWS - 1][q]);
     }
-    if (Math.min(...white) - Math.max(...black) < MIN_CONTRAST) return null;
+    if (Math.min(...white) - Math.max(...black) < MIN_CONTRAST) { api.lastReason = "no_code"; return null; }
     const mean = v => v.reduce((x, y) => x + y, 0) / v.length;
     const thr = (mean(white) + mean(black)) / 2;
     const bits = [];
@@ -237,10 +267,11 @@ JS_DECODER = r"""
     for (let i = 0; i < ID_BITS; i++) v = v * 2 + bits[i];
     let crc = 0;
     for (let i = ID_BITS; i < ID_BITS + CRC_BITS; i++) crc = crc * 2 + bits[i];
-    if (crc8([(v >> 16) & 0xff, (v >> 8) & 0xff, v & 0xff]) !== crc) return null;
+    if (crc8([(v >> 16) & 0xff, (v >> 8) & 0xff, v & 0xff]) !== crc) { api.lastReason = "damaged"; return null; }
+    api.lastReason = "ok";
     return v;
   }
-  return { ROWS, COLS, crc8, cellSize, layout, decode };
+  return Object.assign(api, { ROWS, COLS, crc8, cellSize, layout, decode });
 })()
 """ % {"rows": ROWS, "cols": COLS, "id_bits": ID_BITS, "crc_bits": CRC_BITS, "contrast": repr(MIN_CONTRAST),
        "gs": list(GUARD_START), "ge": list(GUARD_STOP)}
@@ -264,7 +295,7 @@ class StampedFrame(Frame):
 
 
 def needs_band(image: np.ndarray) -> bool:
-    """True when the code's spot (left edge, vertically centred, with its quiet zone and one more cell of margin)
+    """True when the code's spot (left edge, vertically centred, with its quiet zone and as much margin again)
     would touch the scan region of ``image``, or the frame is too small: then the frame gets a padding band."""
     from sonomaly.stream.roi import detect_scan_region
 
@@ -273,19 +304,21 @@ def needs_band(image: np.ndarray) -> bool:
         lay = layout(h, w)
     except ValueError:
         return True
+    if w < lay.width + 4 * gap_width(h, w):
+        return True
     region = detect_scan_region(image)
     if region.kind == "full":
         return True
-    x0, y0, x1, y1 = lay.quiet
-    c = lay.cell
-    spot = region.mask[max(0, y0 - c):y1 + c, max(0, x0 - c):x1 + c]
+    gap = gap_width(h, w)
+    x0, y0, x1, y1 = lay.quiet(gap)
+    spot = region.mask[max(0, y0 - gap):y1 + gap, x0:x1 + gap]
     return bool(np.count_nonzero(spot))
 
 
 def pad_band(image: np.ndarray) -> np.ndarray:
     """A new image: ``image`` with a black band of :func:`band_width` px on its left."""
     h, w = image.shape[:2]
-    bw = band_width(h)
+    bw = band_width(h, w)
     out = np.zeros((h, w + bw, *image.shape[2:]), image.dtype)
     out[:, bw:] = image
     return out
@@ -342,7 +375,7 @@ class StampSource:
         if image.shape != self._shape:
             self._shape = image.shape
             self._band = self.placement == "band" or (self.placement == "auto" and needs_band(image))
-        image = pad_band(image) if self._band else image.copy()
+        image = pad_band(image) if self._band else clear_quiet_zone(image.copy())
         meta = dict(frame.meta)
         meta["stamp"] = "band" if self._band else "inside"
         return StampedFrame(id=frame.id, t_capture_ns=frame.t_capture_ns, image=image, meta=meta,

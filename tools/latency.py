@@ -64,6 +64,12 @@ SERIAL_STAGES = {
     "naive": ("queue", "roi", "preprocess", "infer", "postprocess", "overlay"),
 }
 PARALLEL_STAGES = {"sonomaly": ("roi", "preprocess", "infer", "postprocess"), "naive": ()}
+STAGE_COLORS = {
+    "grab": "#17becf", "queue": "#c5b0d5", "ai_wait": "#bcbd22", "roi": "#2ca02c", "preprocess": "#98df8a",
+    "infer": "#d62728", "postprocess": "#ff9896", "overlay": "#1f77b4", "other server": "#c7c7c7",
+    "encode": "#e377c2", "send+network": "#ff7f0e", "jitter+decode": "#9467bd", "paint": "#8c564b", "jitter+decode+paint": "#9467bd",
+    "encode+network+decode": "#9467bd",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -118,6 +124,66 @@ def machine_info() -> dict[str, Any]:
         except Exception:  # noqa: BLE001
             pass
     return info
+
+
+class CpuMonitor:
+    """How busy the machine was during a run, and how much of that was this harness and the processes it started
+    (server, Chromium...): the rest is other work on the machine, which the numbers then include (Linux /proc)."""
+
+    def __init__(self) -> None:
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._t0 = self._busy0 = None
+        self._ours0: dict[int, int] = {}
+
+    @staticmethod
+    def _machine_busy() -> int | None:
+        try:
+            f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        v = [int(x) for x in f]
+        return sum(v[:7]) - v[3] - v[4]  # user nice system irq softirq (not idle, iowait, the VM's steal)
+
+    @staticmethod
+    def _ours() -> dict[int, int]:
+        """CPU ticks of this process and all its descendants, by pid."""
+        stats: dict[int, tuple[int, int]] = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                txt = (d / "stat").read_text()
+            except OSError:
+                continue
+            rest = txt[txt.rfind(")") + 2:].split()
+            # ppid; utime + stime + cutime + cstime: children it reaped (Chromium renderers of closed pages) count
+            stats[int(d.name)] = (int(rest[1]), int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14]))
+        ours, frontier = {os.getpid()}, [os.getpid()]
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in stats.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            for c in children.get(frontier.pop(), []):
+                if c not in ours:
+                    ours.add(c)
+                    frontier.append(c)
+        return {pid: stats[pid][1] for pid in ours if pid in stats}
+
+    def start(self) -> "CpuMonitor":
+        self._t0, self._busy0, self._ours0 = time.monotonic(), self._machine_busy(), self._ours()
+        return self
+
+    def stop(self) -> dict[str, Any]:
+        busy1, ours1 = self._machine_busy(), self._ours()
+        dt = time.monotonic() - self._t0
+        if busy1 is None or self._busy0 is None or dt <= 0:
+            return {}
+        ours = sum(t - self._ours0.get(pid, 0) for pid, t in ours1.items())
+        total = busy1 - self._busy0
+        pct = lambda ticks: round(100.0 * ticks / self._hz / dt, 1)  # noqa: E731  (100 % = one core)
+        return {"seconds": round(dt, 1), "machine_busy_pct": pct(total), "harness_and_server_pct": pct(ours),
+                "other_processes_pct": max(0.0, pct(total - ours)), "cores": os.cpu_count(),
+                "loadavg_end": list(os.getloadavg())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,9 +251,10 @@ class ServerProcess:
 class RecordPoller:
     """Polls ``/api/records`` in a thread, accumulating every frame record (the server keeps only recent ones)."""
 
-    def __init__(self, url: str, interval: float = 1.0) -> None:
+    def __init__(self, url: str, interval: float = 1.0, overlap: int = 90) -> None:
         self.url = url.rstrip("/")
         self.interval = interval
+        self.overlap = overlap  # re-read the last frames: stages stamped after composition (encode) arrive late
         self.records: dict[int, dict] = {}
         self.offsets_ns: list[int] = []  # unix − monotonic, from each response's clock pair
         self.errors = 0
@@ -201,9 +268,10 @@ class RecordPoller:
         return self
 
     def poll(self) -> None:
+        since = self._last - self.overlap if self._last >= 0 else -1
         while True:
             try:
-                data = get_json(f"{self.url}/api/records?since_frame_id={self._last}&limit=10000", 10.0)
+                data = get_json(f"{self.url}/api/records?since_frame_id={since}&limit=10000", 10.0)
             except OSError:
                 self.errors += 1
                 return
@@ -214,10 +282,11 @@ class RecordPoller:
             for r in recs:
                 fid = r.get("frame_id")
                 if isinstance(fid, int):
-                    self.records[fid] = r
+                    self.records[fid] = r  # a re-read record may have gained later stages (encode)
                     self._last = max(self._last, fid)
             if len(recs) < 10000:
                 return
+            since = self._last
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -249,7 +318,8 @@ class ViewerData:
     kind: str
     index: int
     samples: list[tuple[int, int, int, int, int]] = field(default_factory=list)
-    unreadable: list[int] = field(default_factory=list)
+    unreadable: list[int] = field(default_factory=list)  # shown without a code (NO SIGNAL frames...)
+    damaged: list[int] = field(default_factory=list)  # shown with a code that does not check out
     stats: dict[str, Any] = field(default_factory=dict)
     bracket: tuple[int, int] | None = None  # (round trip ns, host monotonic − browser unix ns), a cross-check
     error: str | None = None
@@ -266,7 +336,7 @@ window.harness = (() => {
   const video = document.getElementById("v");
   const canvas = document.createElement("canvas");
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const h = { state: "new", samples: [], unreadable: [], callbacks: 0, error: null };
+  const h = { state: "new", samples: [], unreadable: [], damaged: [], callbacks: 0, error: null };
   let pc = null;
   function onFrame(now, md) {
     h.callbacks++;
@@ -274,6 +344,7 @@ window.harness = (() => {
       const w = md.width || video.videoWidth, ht = md.height || video.videoHeight;
       const lay = S.layout(ht, w);
       let id = null;
+      S.lastReason = "no_code";
       if (lay) {
         if (canvas.width !== lay.width || canvas.height !== lay.height) {
           canvas.width = lay.width; canvas.height = lay.height;
@@ -283,7 +354,7 @@ window.harness = (() => {
       }
       // headless Chromium can put expectedDisplayTime a fraction of a ms before presentationTime: take the later
       const shown = Math.max(md.expectedDisplayTime, md.presentationTime || 0);
-      if (id === null) h.unreadable.push(shown);
+      if (id === null) (S.lastReason === "damaged" ? h.damaged : h.unreadable).push(shown);
       else h.samples.push([id, shown, md.receiveTime === undefined ? -1 : md.receiveTime, md.presentationTime,
                            md.presentedFrames]);
     } catch (e) { h.error = String(e); }
@@ -316,9 +387,9 @@ window.harness = (() => {
     await pc.setRemoteDescription(await res.json());
     return true;
   };
-  h.take = () => { const out = { samples: h.samples, unreadable: h.unreadable, callbacks: h.callbacks,
-                                 error: h.error, state: h.state };
-                   h.samples = []; h.unreadable = []; return out; };
+  h.take = () => { const out = { samples: h.samples, unreadable: h.unreadable, damaged: h.damaged,
+                                 callbacks: h.callbacks, error: h.error, state: h.state };
+                   h.samples = []; h.unreadable = []; h.damaged = []; return out; };
   // Date.now() − (timeOrigin + performance.now()), read right at Date.now() millisecond edges (median of n).
   h.calibrate = (n) => {
     const d = [];
@@ -485,6 +556,7 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
                     v.samples.append((int(code), unix_ns(shown), unix_ns(received) if received >= 0 else -1,
                                       unix_ns(presented) if presented and presented > 0 else -1, int(count)))
                 v.unreadable.extend(unix_ns(t) for t in chunk["unreadable"])
+                v.damaged.extend(unix_ns(t) for t in chunk["damaged"])
                 if chunk.get("error"):
                     v.error = chunk["error"]
             v.bracket = _bracket(page, origin + off_ms)
@@ -534,9 +606,9 @@ async def _aiortc_viewer(url: str, v: ViewerData, codec: str | None, stop: async
                     break
                 t = time.monotonic_ns()
                 gray = frame.to_ndarray(format="gray")
-                code = stamp.decode(gray)
+                code, why = stamp.decode_detail(gray)
                 if code is None:
-                    v.unreadable.append(t)
+                    (v.damaged if why == "damaged" else v.unreadable).append(t)
                 else:
                     v.samples.append((code, t, -1, -1, -1))
                     first.set()
@@ -556,6 +628,24 @@ async def _aiortc_viewer(url: str, v: ViewerData, codec: str | None, stop: async
         await done.wait()
     finally:
         await pc.close()
+
+
+def _run_in_thread(coro_fn) -> None:
+    """``asyncio.run(coro_fn())`` on a thread of its own: works even when the caller's thread has a running loop
+    (e.g. beside Playwright's sync API)."""
+    err: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(coro_fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            err.append(exc)
+
+    t = threading.Thread(target=target, name="latency-aiortc")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
 
 
 def collect_aiortc(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
@@ -581,10 +671,11 @@ def collect_aiortc(url: str, n: int, seconds: float, warmup: float, window: Wind
             stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    asyncio.run(main())
+    _run_in_thread(main)
     for v in viewers:  # keep only the window (the collectors ran from the first frame)
         v.samples = [s for s in v.samples if window.t0_ns <= s[1] <= window.t1_ns]
         v.unreadable = [t for t in v.unreadable if window.t0_ns <= t <= window.t1_ns]
+        v.damaged = [t for t in v.damaged if window.t0_ns <= t <= window.t1_ns]
     return viewers
 
 
@@ -617,13 +708,15 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
     pooled_parallel: list[dict[str, float]] = []
     timeline: list[tuple[float, float, int]] = []
     per_viewer = []
-    totals = {"frames": 0, "lost": 0, "lost_at_server": 0, "lost_after_server": 0, "unreadable": 0, "unmatched": 0,
-              "shown_not_timed": 0}
+    totals = {"frames": 0, "lost": 0, "lost_at_server": 0, "lost_after_server": 0, "no_code": 0, "damaged_code": 0,
+              "unmatched": 0,
+              "shown_not_timed": 0, "shown_before_composed": 0}
     for v in viewers:
         seen: set[int] = set()
         g2g: list[float] = []
         ids: list[int] = []
         unmatched = 0
+        causality = 0
         missed_callbacks = 0  # frames Chromium presented without a requestVideoFrameCallback for them
         last_count = None
         for code, t_show, t_recv, t_pres, count in v.samples:
@@ -643,14 +736,19 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
             seen.add(fid)
             ids.append(fid)
             lat = (t_show - rec["t_capture_ns"]) / 1e6
+            if t_show < rec["t_composed_ns"]:
+                causality += 1  # shown before it was composed: the clock mapping is wrong
             server_ms = (rec["t_composed_ns"] - rec["t_capture_ns"]) / 1e6
             stages = rec.get("stages_ms") or {}
             row = {k: float(stages[k]) for k in serial if k in stages}
             row["server_total"] = server_ms
             row["server_other"] = server_ms - sum(row.get(k, 0.0) for k in serial)
             row["after_server"] = lat - server_ms
+            encode = stages.get("encode")  # the shared encoder stamps its time on the record
+            if encode is not None:
+                row["encode"] = float(encode)
             if t_recv > 0:
-                row["send_network"] = (t_recv - rec["t_composed_ns"]) / 1e6
+                row["send_network"] = (t_recv - rec["t_composed_ns"]) / 1e6 - (encode or 0.0)
                 if t_pres > 0:
                     row["jitter_decode"] = (t_pres - t_recv) / 1e6
                     row["paint"] = (t_show - t_pres) / 1e6
@@ -672,6 +770,7 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                     else:
                         lost_server += 1
         unreadable = sum(1 for t in v.unreadable if t0 <= t <= t1)
+        damaged = sum(1 for t in v.damaged if t0 <= t <= t1)
         missing = lost_server + lost_after
         # Chromium presented some frames without a callback for them (its frame counter jumped): shown, not timed
         missed = min(missed_callbacks, lost_after)
@@ -679,8 +778,10 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
         entry = {"viewer": v.index, "kind": v.kind, "glass_to_glass_ms": summarise(g2g),
                  "received_fps": round((len(g2g) + missed) / seconds, 2) if seconds > 0 else None,
                  "frames": len(g2g), "frames_lost": lost, "lost_at_server": lost_server,
-                 "lost_after_server": lost_after - missed, "shown_not_timed": missed, "unreadable": unreadable,
-                 "unmatched": unmatched, "lost_pct": round(100.0 * lost / max(1, missing + len(g2g)), 3)}
+                 "lost_after_server": lost_after - missed, "shown_not_timed": missed, "no_code": unreadable,
+                 "damaged_code": damaged,
+                 "unmatched": unmatched, "shown_before_composed": causality,
+                 "lost_pct": round(100.0 * lost / max(1, missing + len(g2g)), 3)}
         if v.stats:
             stats = dict(v.stats)
             if "_bytes" in stats:
@@ -695,7 +796,9 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
         totals["lost_at_server"] += lost_server
         totals["lost_after_server"] += lost_after - missed
         totals["shown_not_timed"] += missed
-        totals["unreadable"] += unreadable
+        totals["shown_before_composed"] += causality
+        totals["no_code"] += unreadable
+        totals["damaged_code"] += damaged
         totals["unmatched"] += unmatched
     overall = summarise(pooled_g2g)
     fps = [e["received_fps"] for e in per_viewer if e["received_fps"] is not None]
@@ -711,9 +814,11 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
         "frames_lost": totals["lost"],
         "lost_at_server": totals["lost_at_server"],
         "lost_after_server": totals["lost_after_server"],
-        "unreadable": totals["unreadable"],
+        "no_code": totals["no_code"],
+        "damaged_code": totals["damaged_code"],
         "unmatched": totals["unmatched"],
         "shown_not_timed": totals["shown_not_timed"],
+        "shown_before_composed": totals["shown_before_composed"],
         "lost_pct": round(100.0 * totals["lost"] / max(1, totals["lost"] + totals["shown_not_timed"]
                                                        + totals["frames"]), 3),
         "stages_ms": _stage_table(pooled_rows),
@@ -744,7 +849,7 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
     result["window_s"] = ws
     result["windows"] = windows
     full = [w for w in windows if w["length_s"] >= 0.99 * ws]
-    if len(full) >= 2:
+    if len(full) >= 2 and ws >= 10:  # drift over seconds-long windows would only be noise
         a, b = full[0]["p99"], full[-1]["p99"]
         result["drift"] = {"first_window_p99": a, "last_window_p99": b,
                            "last_over_first": round(b / a, 4) if a else None,
@@ -765,6 +870,7 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
     an already launched Playwright browser for the Chromium viewers (default: launch one)."""
     url = url.rstrip("/")
     health0 = get_json(url + "/health")
+    cpu = CpuMonitor().start()
     poller = RecordPoller(url).start()
     window = Window()
     try:
@@ -776,6 +882,7 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
             raise ValueError(f"unknown viewer {viewer!r} (chromium or aiortc)")
     finally:
         poller.stop()
+    cpu_use = cpu.stop()
     health1 = get_json(url + "/health")
     offset = poller.offset_ns
     if viewer == "chromium":  # browser times are unix ns: map them onto the server's monotonic clock
@@ -783,12 +890,14 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
             v.samples = [(c, t - offset, (r - offset) if r > 0 else -1, (q - offset) if q > 0 else -1, k)
                          for c, t, r, q, k in v.samples]
             v.unreadable = [t - offset for t in v.unreadable]
+            v.damaged = [t - offset for t in v.damaged]
             if v.bracket is not None:  # direct reading vs the wall-clock route: how far apart they are
                 rt, direct = v.bracket
                 v.stats.setdefault("clock_calibration_ms", {}).update(
                     cross_check=round((direct + offset) / 1e6, 3), cross_check_bound=round(rt / 2e6, 3))
     result = analyse(server, data, poller.records, window, budget_ms=budget_ms, window_s=window_s)
     result["url"] = url
+    result["cpu"] = cpu_use
     result["codec"] = codec or "default (offer order)"
     result["health"] = {k: health1.get(k) for k in ("model", "backend", "frames_in", "frames_out", "frames_dropped",
                                                     "fps_out", "ai", "ai_frames", "overflow_drops", "viewers")
@@ -837,6 +946,74 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
     return out
 
 
+def markdown(report: dict) -> str:
+    """The report's tables in Markdown (machine, results, stages, viewers, comparisons)."""
+    m = report.get("machine", {})
+    c = report.get("config", {})
+    out = [f"Machine: {m.get('nproc')} × {m.get('cpu')}, {m.get('memory_gib', '?')} GiB; Python {m.get('python')}, "
+           f"aiortc {m.get('aiortc')}, PyAV {m.get('av')}, ONNX Runtime {m.get('onnxruntime')}; load average at "
+           f"start {', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))}.",
+           f"Run: `{c.get('source_uri') or c.get('url')}`, model `{c.get('model')}`, viewer {c.get('viewer')}, "
+           f"{c.get('seconds'):g} s per run after {c.get('warmup'):g} s warm-up, codec {c.get('codec') or 'default'}, "
+           f"{report.get('created')}. CPU: % of one core used during the run by the harness, server and "
+           "Chromium / by other processes on the machine.", "",
+           "| server | viewers | p50 | p95 | p99 | max | tail | flatness | fps (min) | lost | frames "
+           "| p99 ≤ budget | CPU: run / others |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in report["runs"]:
+        g = r["glass_to_glass_ms"]
+        out.append(f"| {r['server']} | {r['viewers']} | {_fmt(g.get('p50'))} | {_fmt(g.get('p95'))} | "
+                   f"{_fmt(g.get('p99'))} | {_fmt(g.get('max'))} | {_fmt(g.get('tail'))} | "
+                   f"{_fmt(g.get('flatness'))} | {_fmt(r.get('received_fps'))} ({_fmt(r.get('received_fps_min'))}) | "
+                   f"{r.get('frames_lost')} ({r.get('lost_pct')} %) | {r.get('frames')} | "
+                   f"{'yes' if r['pass'] else 'no'} ({r['budget_ms']:g} ms) | "
+                   f"{_fmt(r.get('cpu', {}).get('harness_and_server_pct'), 0)} % / "
+                   f"{_fmt(r.get('cpu', {}).get('other_processes_pct'), 0)} % |")
+    out += ["", "Median (p95) per stage, ms, along the frame's path:", ""]
+    order = ["grab", "queue", "roi", "preprocess", "infer", "postprocess", "ai_wait", "overlay", "server_other",
+             "server_total", "encode", "send_network", "jitter_decode", "paint", "jitter_decode_paint",
+             "after_server"]
+    names = [k for k in order if any(k in r["stages_ms"] for r in report["runs"])]
+    out.append("| server | viewers | " + " | ".join(names) + " |")
+    out.append("|---|---:|" + "---:|" * len(names))
+    for r in report["runs"]:
+        st = r["stages_ms"]
+        cells = [f"{st[k]['p50']:.1f} ({st[k]['p95']:.1f})" if k in st else "–" for k in names]
+        out.append(f"| {r['server']} | {r['viewers']} | " + " | ".join(cells) + " |")
+    par = [r for r in report["runs"] if r.get("parallel_stages_ms")]
+    if par:
+        out += ["", "Sonomaly's AI worker, beside the path (median (p95), ms):", ""]
+        keys = list(par[0]["parallel_stages_ms"])
+        out.append("| viewers | " + " | ".join(keys) + " |")
+        out.append("|---:|" + "---:|" * len(keys))
+        for r in par:
+            ps = r["parallel_stages_ms"]
+            out.append(f"| {r['viewers']} | " + " | ".join(f"{ps[k]['p50']:.1f} ({ps[k]['p95']:.1f})" if k in ps
+                                                          else "–" for k in keys) + " |")
+    out += ["", "Receivers (Chromium `getStats()` over the window, mean over viewers):", "",
+            "| server | viewers | codec | size | kbit/s | jitter buffer ms | decode ms | freezes | per-viewer p99 |",
+            "|---|---:|---|---|---:|---:|---:|---:|---|"]
+    for r in report["runs"]:
+        rx = [v.get("receiver", {}) for v in r["per_viewer"]]
+        if not any(rx):
+            continue
+        mean = lambda k: _fmt(float(np.mean([x[k] for x in rx if x.get(k) is not None]))  # noqa: E731
+                             if any(x.get(k) is not None for x in rx) else None)
+        p99s = ", ".join(_fmt(v["glass_to_glass_ms"].get("p99"), 0) for v in r["per_viewer"])
+        out.append(f"| {r['server']} | {r['viewers']} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
+                   f"{rx[0].get('frameHeight')} | {mean('kbit_per_s')} | {mean('jitter_buffer_ms_avg')} | "
+                   f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {p99s} |")
+    if report.get("comparisons"):
+        out += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in report["comparisons"].items())]
+    for r in report["runs"]:
+        if r.get("drift"):
+            d = r["drift"]
+            out.append(f"\nDrift ({r['server']}, {r['viewers']} viewer(s)): first {r['window_s']:g}-s window p99 "
+                       f"{d['first_window_p99']:.1f} ms, last {d['last_window_p99']:.1f} ms "
+                       f"(× {d['last_over_first']}, within 10 %: {'yes' if d['within_10_pct'] else 'no'}).")
+    return "\n".join(out) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # plots
 # ---------------------------------------------------------------------------------------------------------------------
@@ -860,14 +1037,15 @@ def plot(report: dict, path: str | Path) -> None:
     for i, r in enumerate(runs):
         v = np.array(r["_timeline"])[:, 1]
         g = r["glass_to_glass_ms"]
-        ax.hist(v, bins=bins, histtype="step", lw=1.6, color=colors[i % len(colors)], density=True,
+        ax.hist(v, bins=bins, histtype="step", lw=1.6, color=colors[i % len(colors)],
+                weights=np.full(v.size, 1.0 / v.size),
                 label=f"{r['server']} · {r['viewers']} viewer(s): p50 {g['p50']:.0f} / p99 {g['p99']:.0f} ms")
     if logx:
         ax.set_xscale("log")
     budget = runs[0]["budget_ms"]
     ax.axvline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g} ms")
     ax.set_xlabel("glass-to-glass latency (ms)")
-    ax.set_ylabel("density")
+    ax.set_ylabel("fraction of frames")
     ax.set_title("Glass-to-glass latency, per frame")
     ax.legend(fontsize=8)
     ax = axes[1]
@@ -892,6 +1070,8 @@ def plot(report: dict, path: str | Path) -> None:
         st = r["stages_ms"]
         parts = [(k, st[k]["p50"]) for k in r["serial_stages"] if k in st]
         parts.append(("other server", max(0.0, st.get("server_other", {}).get("p50", 0.0))))
+        if "encode" in st:
+            parts.append(("encode", st["encode"]["p50"]))
         if "jitter_decode" in st:
             parts += [("send+network", st["send_network"]["p50"]), ("jitter+decode", st["jitter_decode"]["p50"]),
                       ("paint", st["paint"]["p50"])]
@@ -903,7 +1083,7 @@ def plot(report: dict, path: str | Path) -> None:
         left = 0.0
         for j, (name, val) in enumerate(parts):
             val = max(0.0, val)
-            ax.barh(i, val, left=left, color=plt.cm.tab20(hash(name) % 20), edgecolor="white",
+            ax.barh(i, val, left=left, color=STAGE_COLORS.get(name, "#999999"), edgecolor="white",
                     label=name if name not in ax.get_legend_handles_labels()[1] else None)
             left += val
         labels.append(f"{r['server']} · {r['viewers']}")
@@ -912,7 +1092,7 @@ def plot(report: dict, path: str | Path) -> None:
         ax.set_xscale("symlog", linthresh=10)
     ax.set_xlabel("median time per stage (ms), along the frame's path")
     ax.set_title("Where the time goes (medians; Sonomaly's AI runs beside this path)")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, ncol=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     m = report.get("machine", {})
     fig.suptitle(f"sonomaly latency — {m.get('nproc')}× {m.get('cpu')} · viewer {runs[0]['viewer']}", fontsize=10)
     fig.tight_layout()
@@ -930,13 +1110,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--url", help="a running server that streams a stamp: source (sonomaly serve --source stamp:...)")
     g.add_argument("--serve", metavar="SOURCE",
                    help="start `sonomaly serve` on SOURCE (wrapped in stamp:) on a free port for the measurement")
+    g.add_argument("--from-json", nargs="+", metavar="REPORT",
+                   help="measure nothing: merge saved reports (--json) and write --json/--plot/--md from them "
+                        "(plots need reports saved with --samples)")
     p.add_argument("--model", help="model directory for --serve (default: video only)")
     p.add_argument("--fps", type=float, default=None, help="pace a --serve file source at this rate (e.g. 30)")
     p.add_argument("--viewer", choices=["chromium", "aiortc"], default="chromium")
     p.add_argument("--viewers", default="1", help="number of viewers, or a list to sweep (e.g. 1,4,8)")
     p.add_argument("--seconds", type=float, default=10.0, help="measurement window per run (default 10)")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds discarded after the viewers connect")
-    p.add_argument("--codec", choices=["vp8", "h264"], default=None, help="codec the viewers ask for")
+    p.add_argument("--codec", choices=["vp8", "h264"], default=None,
+                   help="codec the viewers ask for (with --serve also the server's --codec)")
     p.add_argument("--budget-ms", type=float, default=200.0, help="p99 budget; exit status 1 when exceeded")
     p.add_argument("--baseline", choices=["naive"], default=None,
                    help="also measure the naive aiortc integration (tools/naive.py) on the same source and model "
@@ -945,6 +1129,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="length of the per-window percentiles (default 60 s for runs of 3 min or more)")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="write histogram, timeline and stage plots")
+    p.add_argument("--md", metavar="OUT.md", help="write the report's tables as Markdown")
     p.add_argument("--samples", action="store_true", help="keep every frame's (t, latency, viewer) in the JSON")
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for `sonomaly serve` (repeatable, e.g. --serve-arg=--no-hud)")
@@ -963,11 +1148,44 @@ def _counts(text: str) -> list[int]:
     return counts
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several (runs concatenated, comparisons recomputed; machine and config of the first)."""
+    out = {**reports[0], "runs": [r for rep in reports for r in rep["runs"]]}
+    if len(reports) > 1:
+        out["merged_from"] = [{"created": rep.get("created"), "config": rep.get("config"),
+                               "loadavg_at_start": rep.get("machine", {}).get("loadavg_at_start")} for rep in reports]
+    out["comparisons"] = comparisons(out["runs"])
+    return out
+
+
+def _write(report: dict, args) -> None:
+    if args.plot:
+        for r in report["runs"]:
+            if "_timeline" not in r and r.get("samples"):
+                r["_timeline"] = [tuple(x) for x in r["samples"]]
+        plot(report, args.plot)
+    for r in report["runs"]:
+        tl = r.pop("_timeline", [])
+        if args.samples and tl and "samples" not in r:
+            r["samples"] = [[round(t, 4), round(lat, 3), vi] for t, lat, vi in tl]
+        elif not args.samples:
+            r.pop("samples", None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.md:
+        Path(args.md).write_text(markdown(report))
+
+
 def run(args) -> int:
     import logging
 
     for name in ("aioice", "aiortc"):  # their INFO lines (ICE checks...) drown the report
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.from_json:
+        report = merge_reports([json.loads(Path(f).read_text()) for f in args.from_json])
+        print(table(report["runs"]))
+        _write(report, args)
+        return 0
     counts = _counts(args.viewers)
     if args.baseline and not args.serve:
         print("sonomaly latency: --baseline needs --serve (the baseline runs on the same source and model)",
@@ -977,7 +1195,8 @@ def run(args) -> int:
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
                               "config": {k: getattr(args, k) for k in ("url", "serve", "model", "fps", "viewer",
                                                                        "viewers", "seconds", "warmup", "codec",
-                                                                       "budget_ms", "baseline", "serve_arg")},
+                                                                       "budget_ms", "baseline", "serve_arg",
+                                                                       "window_s")},
                               "runs": []}
     servers = ["sonomaly"] + ([args.baseline] if args.baseline else [])
     source = stamped(args.serve, args.fps) if args.serve else None
@@ -994,6 +1213,8 @@ def run(args) -> int:
                                    window_s=args.window_s, quiet=args.quiet)
                 else:
                     extra = list(args.serve_arg) if server == "sonomaly" else []
+                    if server == "sonomaly" and args.codec and "--codec" not in " ".join(extra):
+                        extra += ["--codec", args.codec]  # the server's shared encoder decides the codec
                     with ServerProcess(server, source, args.model, extra=extra) as srv:
                         run_ = measure(srv.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                        warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
@@ -1011,14 +1232,7 @@ def run(args) -> int:
     print(table(report["runs"]))
     if report["comparisons"]:
         print(json.dumps(report["comparisons"], indent=1))
-    if args.plot:
-        plot(report, args.plot)
-    for r in report["runs"]:
-        tl = r.pop("_timeline", [])
-        if args.samples:
-            r["samples"] = [[round(t, 4), round(lat, 3), vi] for t, lat, vi in tl]
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    _write(report, args)
     main_runs = [r for r in report["runs"] if r["server"] == "sonomaly"]
     if not main_runs or any(not r["glass_to_glass_ms"].get("n") for r in main_runs):
         return 3

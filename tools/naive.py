@@ -32,11 +32,14 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import asynccontextmanager
 from typing import Any
 
 import av
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import MediaStreamError
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 
 from sonomaly.stream.frame import Frame, now_ns
 
@@ -208,12 +211,7 @@ class DetectorTrack(VideoStreamTrack):
         super().stop()
 
 
-def create_app(feed: LiveFeed, detector: Detector, records: Records | None = None):
-    from contextlib import asynccontextmanager
-
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse
-
+def create_app(feed: LiveFeed, detector: Detector, records: Records | None = None) -> FastAPI:
     records = records or Records()
     pcs: set[RTCPeerConnection] = set()
 

@@ -1,0 +1,189 @@
+"""The latency harness (tools/latency.py): its arithmetic on known data, and real runs against served clips."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sonomaly.stream import stamp
+from sonomaly.tools import cli, latency
+from sonomaly.tools.latency import ViewerData, Window, analyse
+
+T0 = 5_000_000_000
+PERIOD_NS = 33_333_333
+
+
+def _records(n: int, *, missing=(), server_ms: float = 5.0) -> dict[int, dict]:
+    recs = {}
+    for i in range(n):
+        if i in missing:
+            continue
+        tc = T0 + i * PERIOD_NS
+        recs[i] = {"frame_id": i, "t_capture_ns": tc, "t_composed_ns": tc + int(server_ms * 1e6),
+                   "stages_ms": {"grab": 0.5, "ai_wait": 1.0, "overlay": 3.0, "infer": 7.0}}
+    return recs
+
+
+def _lat_ms(i: int) -> float:
+    return 40.0 + (i % 10)
+
+
+def _synthetic(budget_ms: float = 200.0, window_s: float | None = None):
+    """100 frames; 30 never composed; 10-12 composed but never shown; 50 shown without a callback; 5 shown twice;
+    one code that matches no record; unreadable frames inside and outside the window."""
+    recs = _records(100, missing={30})
+    v = ViewerData("chromium", 0)
+    count = 0
+    for i in range(100):
+        if i in (10, 11, 12, 30):
+            continue
+        count += 1
+        if i == 50:
+            continue  # presented (the counter moves on) but no callback: shown, not timed
+        t = T0 + i * PERIOD_NS + int(_lat_ms(i) * 1e6)
+        v.samples.append((i, t, t - 20_000_000, t - 1_000_000, count))
+        if i == 5:
+            v.samples.append((i, t + PERIOD_NS, -1, -1, count))  # a repeat of a frame already counted
+    v.samples.append((5000, T0 + 60 * PERIOD_NS, -1, -1, -1))
+    v.unreadable = [T0 + 20 * PERIOD_NS, T0 + 21 * PERIOD_NS, T0 - 10 * PERIOD_NS]
+    v.damaged = [T0 + 22 * PERIOD_NS]
+    w = Window()
+    w.t0_ns, w.t1_ns = T0, T0 + 100 * PERIOD_NS + 100_000_000
+    return analyse("sonomaly", [v], recs, w, budget_ms=budget_ms, window_s=window_s)
+
+
+def test_analysis_of_known_data():
+    r = _synthetic(window_s=1.0)
+    shown = [i for i in range(100) if i not in (10, 11, 12, 30, 50)]
+    want = np.array([_lat_ms(i) for i in shown])
+    g = r["glass_to_glass_ms"]
+    assert g["n"] == len(shown) == r["frames"]
+    for q in (10, 50, 90, 95, 99):
+        assert g[f"p{q}"] == pytest.approx(np.percentile(want, q), abs=1e-3)
+    assert g["max"] == pytest.approx(49.0) and g["min"] == pytest.approx(40.0)
+    assert g["tail"] == pytest.approx(g["max"] - g["p95"], abs=2e-3)
+    assert g["flatness"] == pytest.approx(g["p90"] - g["p10"], abs=2e-3)
+    assert r["lost_at_server"] == 1  # frame 30: never composed
+    assert r["lost_after_server"] == 3  # frames 10-12: composed, never shown
+    assert r["shown_not_timed"] == 1  # frame 50
+    assert r["frames_lost"] == 4
+    assert r["no_code"] == 2 and r["damaged_code"] == 1
+    assert r["unmatched"] == 1 and r["shown_before_composed"] == 0
+    assert r["received_fps"] == pytest.approx((len(shown) + 1) / r["seconds"], abs=0.01)
+    st = r["stages_ms"]
+    assert st["server_total"]["p50"] == pytest.approx(5.0)
+    assert st["after_server"]["p50"] == pytest.approx(np.percentile(want - 5.0, 50), abs=1e-3)
+    assert st["send_network"]["p50"] == pytest.approx(np.percentile(want - 25.0, 50), abs=1e-3)
+    assert st["jitter_decode"]["p50"] == pytest.approx(19.0) and st["paint"]["p50"] == pytest.approx(1.0)
+    assert st["overlay"]["p50"] == 3.0 and "infer" not in st  # the AI runs beside the frame's path
+    assert r["parallel_stages_ms"]["infer"]["p50"] == 7.0
+    assert r["pass"] is True
+    assert [w["n"] for w in r["windows"]] == [26, 28, 30, 11]  # e.g. 1-2 s: frames 29..58 but 30 and 50
+    assert r["windows"][0]["t_s"] == 0.0
+    assert "drift" not in r  # 1-s windows: too short to speak of drift
+    r = _synthetic(window_s=10.0)
+    assert len(r["windows"]) == 1 and "drift" not in r  # one window only
+
+
+def test_budget_and_causality():
+    assert _synthetic(budget_ms=48.0)["pass"] is False  # p99 ≈ 49 ms
+    recs = _records(10)
+    v = ViewerData("aiortc", 0)
+    v.samples = [(i, recs[i]["t_capture_ns"] + 2_000_000, -1, -1, -1) for i in range(10)]  # before composition
+    w = Window()
+    w.t0_ns, w.t1_ns = T0, T0 + 10 * PERIOD_NS
+    assert analyse("sonomaly", [v], recs, w, budget_ms=200)["shown_before_composed"] == 10
+
+
+def test_exit_status_follows_the_budget(monkeypatch, tmp_path):
+    def fake_measure(url, server, *, budget_ms, **kw):
+        r = _synthetic(budget_ms=budget_ms)
+        r.update(url=url, codec=None, health={}, clock={})
+        return r
+
+    monkeypatch.setattr(latency, "measure", fake_measure)
+    out = tmp_path / "r.json"
+    assert latency.main(["--url", "http://x", "--budget-ms", "200", "--json", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["runs"][0]["pass"] is True
+    assert latency.main(["--url", "http://x", "--budget-ms", "45", "--quiet"]) == 1
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no frames")))
+    assert latency.main(["--url", "http://x", "--quiet"]) == 3
+
+
+def _check_run(r: dict, *, max_ms: float | None = 1000.0) -> None:
+    g = r["glass_to_glass_ms"]
+    for k in ("p50", "p95", "p99", "max", "tail", "flatness", "min"):
+        assert k in g, k
+    assert 0 < g["min"] <= g["p50"] <= g["p95"] <= g["p99"] <= g["max"]
+    if max_ms is not None:
+        assert g["max"] < max_ms, g
+    assert g["tail"] == pytest.approx(g["max"] - g["p95"], abs=0.01)
+    assert r["shown_before_composed"] == 0 and r["unmatched"] == 0
+    assert r["damaged_code"] <= 0.02 * r["frames"] + 1
+    assert r["frames_lost"] >= 0 and r["received_fps"] > 0
+    st = r["stages_ms"]
+    assert st["server_total"]["p50"] < g["p50"]
+    assert st["after_server"]["p50"] > 0
+    assert len(r["per_viewer"]) == r["viewers"]
+
+
+@pytest.mark.browser
+def test_chromium_harness_on_a_served_clip(serve, browser, demo_clip, lung_model):
+    server = serve("--source", f"stamp:{demo_clip}?fps=30", "--model", str(lung_model), "--loop")
+    r = latency.measure(server.url, "sonomaly", viewer="chromium", viewers=1, seconds=5, warmup=1.5,
+                        browser=browser, quiet=True)
+    _check_run(r)
+    assert r["viewer"] == "chromium" and r["seconds"] == pytest.approx(5, abs=0.5)
+    assert r["frames"] >= 0.5 * 30 * 5  # 30 fps source; slack for a loaded CI machine
+    st = r["stages_ms"]
+    for k in ("grab", "ai_wait", "overlay", "send_network", "jitter_decode", "paint"):
+        assert k in st, k
+    for k in ("roi", "preprocess", "infer", "postprocess"):
+        assert k in r["parallel_stages_ms"], k
+    rx = r["per_viewer"][0]["receiver"]
+    assert rx["codec"] and rx["frameHeight"] == 450
+    assert rx["frameWidth"] == 450 + stamp.band_width(450, 450)  # the band is on the wire
+    assert rx["decode_ms_avg"] > 0 and rx["jitter_buffer_ms_avg"] >= 0
+    cal = rx["clock_calibration_ms"]  # wall-clock route vs a direct bracketed reading of the browser's clock
+    assert abs(cal["cross_check"]) <= cal["cross_check_bound"] + 2.0, cal
+    assert r["health"]["model"] and r["health"]["ai"] in ("ok", "delayed")
+
+
+def test_cli_serves_sonomaly_and_the_naive_baseline(tmp_path, demo_clip, lung_model):
+    out, png = tmp_path / "lat.json", tmp_path / "lat.png"
+    rc = cli.main(["latency", "--serve", str(demo_clip), "--fps", "30", "--model", str(lung_model),
+                   "--viewer", "aiortc", "--seconds", "3", "--warmup", "1", "--baseline", "naive",
+                   "--budget-ms", "1", "--json", str(out), "--plot", str(png), "--quiet"])
+    assert rc == 1  # nothing streams in under 1 ms: the budget check must fail
+    report = json.loads(out.read_text())
+    runs = {r["server"]: r for r in report["runs"]}
+    assert set(runs) == {"sonomaly", "naive"}
+    assert report["config"]["source_uri"].startswith("stamp:") and report["machine"]["nproc"] >= 1
+    _check_run(runs["sonomaly"])
+    _check_run(runs["naive"], max_ms=None)  # the naive server's backlog has no bound worth asserting
+    assert runs["sonomaly"]["pass"] is False and runs["sonomaly"]["frames"] >= 0.5 * 30 * 3
+    assert {"queue", "infer", "overlay"} <= set(runs["naive"]["stages_ms"])
+    assert "infer" in runs["naive"]["serial_stages"] and "infer" not in runs["sonomaly"]["serial_stages"]
+    assert "naive_over_sonomaly_1_viewers" in report["comparisons"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_drift_compares_the_first_and_last_full_windows():
+    def run(lat_of_t):
+        recs = _records(750)  # 25 s at 30 fps
+        v = ViewerData("aiortc", 0)
+        for i, r in recs.items():
+            t = r["t_capture_ns"] + int(lat_of_t((r["t_capture_ns"] - T0) / 1e9) * 1e6)
+            v.samples.append((i, t, -1, -1, -1))
+        w = Window()
+        w.t0_ns, w.t1_ns = T0, T0 + 25 * 10**9
+        return analyse("sonomaly", [v], recs, w, budget_ms=200, window_s=10.0)
+
+    flat = run(lambda t: 40.0)
+    assert [x["length_s"] for x in flat["windows"]] == [10.0, 10.0, 5.0]
+    assert flat["drift"] == {"first_window_p99": 40.0, "last_window_p99": 40.0, "last_over_first": 1.0,
+                             "within_10_pct": True}
+    growing = run(lambda t: 40.0 + 2.0 * t)  # 2 ms more every second: a queue that never drains
+    d = growing["drift"]
+    assert d["last_over_first"] > 1.3 and d["within_10_pct"] is False
