@@ -67,7 +67,8 @@ PARALLEL_STAGES = {"sonomaly": ("roi", "preprocess", "infer", "postprocess"), "n
 STAGE_COLORS = {
     "grab": "#17becf", "queue": "#c5b0d5", "ai_wait": "#bcbd22", "roi": "#2ca02c", "preprocess": "#98df8a",
     "infer": "#d62728", "postprocess": "#ff9896", "overlay": "#1f77b4", "other server": "#c7c7c7",
-    "encode": "#e377c2", "send+network": "#ff7f0e", "jitter+decode": "#9467bd", "paint": "#8c564b", "jitter+decode+paint": "#9467bd",
+    "encode": "#e377c2", "send+network": "#ff7f0e", "jitter+decode": "#9467bd", "paint": "#8c564b",
+    "jitter+decode+paint": "#9467bd",
     "encode+network+decode": "#9467bd",
 }
 
@@ -130,10 +131,11 @@ class CpuMonitor:
     """How busy the machine was during a run, and how much of that was this harness and the processes it started
     (server, Chromium...): the rest is other work on the machine, which the numbers then include (Linux /proc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_pid: int | None = None) -> None:
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.server_pid = server_pid
         self._t0 = self._busy0 = None
-        self._ours0: dict[int, int] = {}
+        self._ours0: dict[int, tuple[int, str]] = {}
 
     @staticmethod
     def _machine_busy() -> int | None:
@@ -144,9 +146,9 @@ class CpuMonitor:
         v = [int(x) for x in f]
         return sum(v[:7]) - v[3] - v[4]  # user nice system irq softirq (not idle, iowait, the VM's steal)
 
-    @staticmethod
-    def _ours() -> dict[int, int]:
-        """CPU ticks of this process and all its descendants, by pid."""
+    def _ours(self) -> dict[int, tuple[int, str]]:
+        """CPU ticks of this process and all its descendants, by pid, with their part: "server" (the server under
+        test's process tree), "harness" (this process) or "viewers" (everything else it started: Chromium...)."""
         stats: dict[int, tuple[int, int]] = {}
         for d in Path("/proc").iterdir():
             if not d.name.isdigit():
@@ -158,16 +160,23 @@ class CpuMonitor:
             rest = txt[txt.rfind(")") + 2:].split()
             # ppid; utime + stime + cutime + cstime: children it reaped (Chromium renderers of closed pages) count
             stats[int(d.name)] = (int(rest[1]), int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14]))
-        ours, frontier = {os.getpid()}, [os.getpid()]
         children: dict[int, list[int]] = {}
         for pid, (ppid, _) in stats.items():
             children.setdefault(ppid, []).append(pid)
-        while frontier:
-            for c in children.get(frontier.pop(), []):
-                if c not in ours:
-                    ours.add(c)
-                    frontier.append(c)
-        return {pid: stats[pid][1] for pid in ours if pid in stats}
+
+        def tree(root: int) -> set[int]:
+            out, frontier = {root}, [root]
+            while frontier:
+                for c in children.get(frontier.pop(), []):
+                    if c not in out:
+                        out.add(c)
+                        frontier.append(c)
+            return out
+
+        server = tree(self.server_pid) if self.server_pid in stats else set()
+        me = os.getpid()
+        return {pid: (stats[pid][1], "server" if pid in server else "harness" if pid == me else "viewers")
+                for pid in tree(me) | server if pid in stats}
 
     def start(self) -> "CpuMonitor":
         self._t0, self._busy0, self._ours0 = time.monotonic(), self._machine_busy(), self._ours()
@@ -178,12 +187,19 @@ class CpuMonitor:
         dt = time.monotonic() - self._t0
         if busy1 is None or self._busy0 is None or dt <= 0:
             return {}
-        ours = sum(t - self._ours0.get(pid, 0) for pid, t in ours1.items())
+        parts = {"server": 0, "viewers": 0, "harness": 0}
+        for pid, (t, part) in ours1.items():
+            parts[part] += t - self._ours0.get(pid, (0, part))[0]
+        ours = sum(parts.values())
         total = busy1 - self._busy0
         pct = lambda ticks: round(100.0 * ticks / self._hz / dt, 1)  # noqa: E731  (100 % = one core)
-        return {"seconds": round(dt, 1), "machine_busy_pct": pct(total), "harness_and_server_pct": pct(ours),
-                "other_processes_pct": max(0.0, pct(total - ours)), "cores": os.cpu_count(),
-                "loadavg_end": list(os.getloadavg())}
+        out = {"seconds": round(dt, 1), "machine_busy_pct": pct(total), "harness_and_server_pct": pct(ours),
+               "other_processes_pct": max(0.0, pct(total - ours)), "cores": os.cpu_count(),
+               "loadavg_end": list(os.getloadavg())}
+        if self.server_pid is not None:
+            out.update(server_pct=pct(parts["server"]), viewers_pct=pct(parts["viewers"]),
+                       harness_pct=pct(parts["harness"]))
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -457,11 +473,24 @@ def _stats_delta(a: dict, b: dict) -> dict[str, Any]:
 
 
 class Window:
-    """The measurement window on the server's monotonic clock, fixed once every viewer shows frames."""
+    """The measurement window on the server's monotonic clock, fixed once every viewer shows frames; it also watches
+    the machine's CPU over the window (while every process it started is still alive to be counted)."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_pid: int | None = None) -> None:
         self.t0_ns: int | None = None
         self.t1_ns: int | None = None
+        self.cpu: dict[str, Any] = {}
+        self.server_pid = server_pid
+        self._monitor: CpuMonitor | None = None
+
+    def begin(self) -> None:
+        self._monitor = CpuMonitor(self.server_pid).start()
+        self.t0_ns = time.monotonic_ns()
+
+    def end(self) -> None:
+        self.t1_ns = time.monotonic_ns()
+        if self._monitor is not None:
+            self.cpu = self._monitor.stop()
 
     @property
     def seconds(self) -> float:
@@ -521,7 +550,7 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
         st0 = [page.evaluate("window.harness.stats()") for page in pages]
         for page in pages:
             page.evaluate("window.harness.take()")  # drop the warm-up
-        window.t0_ns = time.monotonic_ns()
+        window.begin()
         raw: list[list[dict]] = [[] for _ in pages]
         end = time.monotonic() + seconds
         last_report = time.monotonic()
@@ -535,7 +564,7 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
             if time.monotonic() - last_report >= 60 and not quiet:
                 last_report = time.monotonic()
                 _progress(f"  ... {seconds - max(0.0, end - time.monotonic()):.0f} / {seconds:g} s", quiet)
-        window.t1_ns = time.monotonic_ns()
+        window.end()
         st1 = [page.evaluate("window.harness.stats()") for page in pages]
         cal1 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
         for i, page in enumerate(pages):
@@ -544,6 +573,7 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
             origin = cal0[i]["timeOrigin"]
             off_ms = (cal0[i]["offset"] + cal1[i]["offset"]) / 2.0
             v.stats = _stats_delta(st0[i], st1[i])
+            v.stats["browser"] = f"{browser.browser_type.name} {browser.version}"
             v.stats["clock_calibration_ms"] = {"offset_start": round(cal0[i]["offset"], 4),
                                                "offset_end": round(cal1[i]["offset"], 4),
                                                "spread": round(max(cal0[i]["spread"], cal1[i]["spread"]), 4)}
@@ -630,53 +660,82 @@ async def _aiortc_viewer(url: str, v: ViewerData, codec: str | None, stop: async
         await pc.close()
 
 
-def _run_in_thread(coro_fn) -> None:
-    """``asyncio.run(coro_fn())`` on a thread of its own: works even when the caller's thread has a running loop
-    (e.g. beside Playwright's sync API)."""
-    err: list[BaseException] = []
+def _aiortc_process(url: str, codec: str | None, conn, connect_timeout: float) -> None:
+    """One aiortc viewer in a process of its own: says "ready" at its first decodable frame, collects until told
+    "stop", then sends back what it saw."""
+    import logging
 
-    def target() -> None:
+    for name in ("aioice", "aiortc"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    v = ViewerData("aiortc", 0)
+
+    async def main() -> None:
+        stop, first = asyncio.Event(), asyncio.Event()
+        task = asyncio.ensure_future(_aiortc_viewer(url, v, codec, stop, first))
         try:
-            asyncio.run(coro_fn())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            err.append(exc)
+            await asyncio.wait_for(first.wait(), connect_timeout)
+            conn.send("ready")
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
 
-    t = threading.Thread(target=target, name="latency-aiortc")
-    t.start()
-    t.join()
-    if err:
-        raise err[0]
+    try:
+        asyncio.run(main())
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("data", v.samples, v.unreadable, v.damaged))
 
 
 def collect_aiortc(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
                    quiet: bool = False, connect_timeout: float = 40.0) -> list[ViewerData]:
-    """``n`` aiortc receivers in this process (times are already on the server's monotonic clock: same host)."""
+    """``n`` aiortc receivers, each in a process of its own (as N viewers on N machines would be: no viewer waits for
+    another's Python). Times are ``time.monotonic_ns()``: the server's clock, on the same host."""
+    import multiprocessing
+
     url = url.rstrip("/")
-    viewers = [ViewerData("aiortc", i) for i in range(n)]
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        firsts = [asyncio.Event() for _ in viewers]
-        tasks = [asyncio.ensure_future(_aiortc_viewer(url, v, codec, stop, f)) for v, f in zip(viewers, firsts)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), connect_timeout)
-            _progress(f"  {n} aiortc viewer(s) showing frames; warm-up {warmup:g} s", quiet)
-            await asyncio.sleep(warmup)
-            window.t0_ns = time.monotonic_ns()
-            await asyncio.sleep(seconds)
-            window.t1_ns = time.monotonic_ns()
-        except asyncio.TimeoutError:
-            raise RuntimeError(f"aiortc viewers show no decodable frames after {connect_timeout:.0f} s") from None
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    _run_in_thread(main)
-    for v in viewers:  # keep only the window (the collectors ran from the first frame)
-        v.samples = [s for s in v.samples if window.t0_ns <= s[1] <= window.t1_ns]
-        v.unreadable = [t for t in v.unreadable if window.t0_ns <= t <= window.t1_ns]
-        v.damaged = [t for t in v.damaged if window.t0_ns <= t <= window.t1_ns]
-    return viewers
+    ctx = multiprocessing.get_context("spawn")
+    procs = []
+    try:
+        for _ in range(n):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_aiortc_process, args=(url, codec, child, connect_timeout), daemon=True)
+            proc.start()
+            procs.append((proc, parent))
+        deadline = time.monotonic() + connect_timeout + 30
+        for proc, conn in procs:
+            if not conn.poll(max(0.1, deadline - time.monotonic())):
+                raise RuntimeError(f"aiortc viewers show no decodable frames after {connect_timeout:.0f} s")
+            msg = conn.recv()
+            if msg != "ready":
+                raise RuntimeError(f"aiortc viewer failed: {msg[1] if isinstance(msg, tuple) else msg}")
+        _progress(f"  {n} aiortc viewer(s) showing frames; warm-up {warmup:g} s", quiet)
+        time.sleep(warmup)
+        window.begin()
+        time.sleep(seconds)
+        window.end()
+        viewers = []
+        for i, (proc, conn) in enumerate(procs):
+            conn.send("stop")
+            if not conn.poll(30):
+                raise RuntimeError("an aiortc viewer did not report back")
+            msg = conn.recv()
+            if msg[0] != "data":
+                raise RuntimeError(f"aiortc viewer failed: {msg[1]}")
+            v = ViewerData("aiortc", i)
+            # keep only the window (the viewers collected from their first frame)
+            v.samples = [tuple(x) for x in msg[1] if window.t0_ns <= x[1] <= window.t1_ns]
+            v.unreadable = [t for t in msg[2] if window.t0_ns <= t <= window.t1_ns]
+            v.damaged = [t for t in msg[3] if window.t0_ns <= t <= window.t1_ns]
+            viewers.append(v)
+        return viewers
+    finally:
+        for proc, conn in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -863,16 +922,16 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
 # ---------------------------------------------------------------------------------------------------------------------
 def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1, seconds: float = 10.0,
             warmup: float = 3.0, codec: str | None = None, budget_ms: float = 200.0, window_s: float | None = None,
-            quiet: bool = False, browser=None) -> dict[str, Any]:
+            quiet: bool = False, browser=None, server_pid: int | None = None) -> dict[str, Any]:
     """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run.
 
     ``server`` names the kind of server ("sonomaly" or "naive": which stages are on the frame's path); ``browser``
-    an already launched Playwright browser for the Chromium viewers (default: launch one)."""
+    an already launched Playwright browser for the Chromium viewers (default: launch one); ``server_pid`` the
+    server's process, to split the CPU use into server, viewers and harness."""
     url = url.rstrip("/")
     health0 = get_json(url + "/health")
-    cpu = CpuMonitor().start()
     poller = RecordPoller(url).start()
-    window = Window()
+    window = Window(server_pid)
     try:
         if viewer == "chromium":
             data = collect_chromium(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet, browser=browser)
@@ -882,7 +941,6 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
             raise ValueError(f"unknown viewer {viewer!r} (chromium or aiortc)")
     finally:
         poller.stop()
-    cpu_use = cpu.stop()
     health1 = get_json(url + "/health")
     offset = poller.offset_ns
     if viewer == "chromium":  # browser times are unix ns: map them onto the server's monotonic clock
@@ -897,7 +955,7 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
                     cross_check=round((direct + offset) / 1e6, 3), cross_check_bound=round(rt / 2e6, 3))
     result = analyse(server, data, poller.records, window, budget_ms=budget_ms, window_s=window_s)
     result["url"] = url
-    result["cpu"] = cpu_use
+    result["cpu"] = window.cpu
     result["codec"] = codec or "default (offer order)"
     result["health"] = {k: health1.get(k) for k in ("model", "backend", "frames_in", "frames_out", "frames_dropped",
                                                     "fps_out", "ai", "ai_frames", "overflow_drops", "viewers")
@@ -922,7 +980,8 @@ def table(runs: list[dict]) -> str:
         g = r["glass_to_glass_ms"]
         st = r.get("stages_ms", {})
         lines.append(
-            f"{r['server']:9} {r['viewer']:8} {r['viewers']:>2} {_fmt(g.get('p50')):>7} {_fmt(g.get('p95')):>7} "
+            f"{r.get('label') or r['server']:9} {r['viewer']:8} {r['viewers']:>2} {_fmt(g.get('p50')):>7} "
+            f"{_fmt(g.get('p95')):>7} "
             f"{_fmt(g.get('p99')):>7} {_fmt(g.get('max')):>7} {_fmt(g.get('tail')):>6} {_fmt(g.get('flatness')):>6} "
             f"{_fmt(r.get('received_fps')):>5} {r.get('frames_lost', 0):>5} "
             f"{_fmt(st.get('server_total', {}).get('p50')):>7} {_fmt(st.get('after_server', {}).get('p50')):>7}  "
@@ -946,29 +1005,50 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
     return out
 
 
+def _name(r: dict) -> str:
+    name = r.get("label") or r["server"]
+    return f"{name} ({r['viewer']}, {r['seconds']:.0f} s)" if r.get("set") else name
+
+
+def _cpu_cell(c: dict) -> str:
+    if not c:
+        return "–"
+    if "server_pct" in c:
+        return (f"{_fmt(c['server_pct'], 0)} / {_fmt(c['viewers_pct'] + c['harness_pct'], 0)} / "
+                f"{_fmt(c.get('other_processes_pct'), 0)}")
+    return f"– / {_fmt(c.get('harness_and_server_pct'), 0)} / {_fmt(c.get('other_processes_pct'), 0)}"
+
+
 def markdown(report: dict) -> str:
     """The report's tables in Markdown (machine, results, stages, viewers, comparisons)."""
     m = report.get("machine", {})
     c = report.get("config", {})
-    out = [f"Machine: {m.get('nproc')} × {m.get('cpu')}, {m.get('memory_gib', '?')} GiB; Python {m.get('python')}, "
-           f"aiortc {m.get('aiortc')}, PyAV {m.get('av')}, ONNX Runtime {m.get('onnxruntime')}; load average at "
-           f"start {', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))}.",
-           f"Run: `{c.get('source_uri') or c.get('url')}`, model `{c.get('model')}`, viewer {c.get('viewer')}, "
-           f"{c.get('seconds'):g} s per run after {c.get('warmup'):g} s warm-up, codec {c.get('codec') or 'default'}, "
-           f"{report.get('created')}. CPU: % of one core used during the run by the harness, server and "
-           "Chromium / by other processes on the machine.", "",
+    out: list[str] = [f"Machine: {m.get('nproc')} × {m.get('cpu')}, {m.get('memory_gib', '?')} GiB; Python "
+                      f"{m.get('python')}, aiortc {m.get('aiortc')}, PyAV {m.get('av')}, ONNX Runtime "
+                      f"{m.get('onnxruntime')}."]
+    if c:
+        out.append(f"Run: `{c.get('source_uri') or c.get('url')}`, model `{c.get('model')}`, viewer "
+                   f"{c.get('viewer')}, {c.get('seconds'):g} s per run after {c.get('warmup'):g} s warm-up, codec "
+                   f"{c.get('codec') or 'default'}, {report.get('created')}; load average at start "
+                   f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_at_start', []))}.")
+    for st in report.get("sets", []):  # a merged report
+        sc = st.get("config", {})
+        out.append(f"- `{st.get('file')}`: {st.get('description')} — `{sc.get('source_uri')}`, model "
+                   f"`{sc.get('model')}`, warm-up {sc.get('warmup'):g} s, {st.get('created')}, load average at start "
+                   f"{', '.join(f'{x:.2f}' for x in st.get('loadavg_at_start') or [])}")
+    out += ["", "CPU: % of one core during the window, by the server under test / by the viewers (Chromium or aiortc "
+            "processes) and the harness / by other processes on the machine.", "",
            "| server | viewers | p50 | p95 | p99 | max | tail | flatness | fps (min) | lost | frames "
-           "| p99 ≤ budget | CPU: run / others |",
+           "| p99 ≤ budget | CPU % server / viewers+harness / others |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in report["runs"]:
         g = r["glass_to_glass_ms"]
-        out.append(f"| {r['server']} | {r['viewers']} | {_fmt(g.get('p50'))} | {_fmt(g.get('p95'))} | "
+        out.append(f"| {_name(r)} | {r['viewers']} | {_fmt(g.get('p50'))} | {_fmt(g.get('p95'))} | "
                    f"{_fmt(g.get('p99'))} | {_fmt(g.get('max'))} | {_fmt(g.get('tail'))} | "
                    f"{_fmt(g.get('flatness'))} | {_fmt(r.get('received_fps'))} ({_fmt(r.get('received_fps_min'))}) | "
                    f"{r.get('frames_lost')} ({r.get('lost_pct')} %) | {r.get('frames')} | "
                    f"{'yes' if r['pass'] else 'no'} ({r['budget_ms']:g} ms) | "
-                   f"{_fmt(r.get('cpu', {}).get('harness_and_server_pct'), 0)} % / "
-                   f"{_fmt(r.get('cpu', {}).get('other_processes_pct'), 0)} % |")
+                   f"{_cpu_cell(r.get('cpu', {}))} |")
     out += ["", "Median (p95) per stage, ms, along the frame's path:", ""]
     order = ["grab", "queue", "roi", "preprocess", "infer", "postprocess", "ai_wait", "overlay", "server_other",
              "server_total", "encode", "send_network", "jitter_decode", "paint", "jitter_decode_paint",
@@ -979,7 +1059,7 @@ def markdown(report: dict) -> str:
     for r in report["runs"]:
         st = r["stages_ms"]
         cells = [f"{st[k]['p50']:.1f} ({st[k]['p95']:.1f})" if k in st else "–" for k in names]
-        out.append(f"| {r['server']} | {r['viewers']} | " + " | ".join(cells) + " |")
+        out.append(f"| {_name(r)} | {r['viewers']} | " + " | ".join(cells) + " |")
     par = [r for r in report["runs"] if r.get("parallel_stages_ms")]
     if par:
         out += ["", "Sonomaly's AI worker, beside the path (median (p95), ms):", ""]
@@ -1000,15 +1080,18 @@ def markdown(report: dict) -> str:
         mean = lambda k: _fmt(float(np.mean([x[k] for x in rx if x.get(k) is not None]))  # noqa: E731
                              if any(x.get(k) is not None for x in rx) else None)
         p99s = ", ".join(_fmt(v["glass_to_glass_ms"].get("p99"), 0) for v in r["per_viewer"])
-        out.append(f"| {r['server']} | {r['viewers']} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
+        out.append(f"| {_name(r)} | {r['viewers']} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
                    f"{rx[0].get('frameHeight')} | {mean('kbit_per_s')} | {mean('jitter_buffer_ms_avg')} | "
                    f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {p99s} |")
     if report.get("comparisons"):
         out += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in report["comparisons"].items())]
+    for st in report.get("sets", []):
+        if st.get("comparisons"):
+            out.append(f"- ratios in `{st['file']}`: " + "; ".join(f"{k} = {v}" for k, v in st["comparisons"].items()))
     for r in report["runs"]:
         if r.get("drift"):
             d = r["drift"]
-            out.append(f"\nDrift ({r['server']}, {r['viewers']} viewer(s)): first {r['window_s']:g}-s window p99 "
+            out.append(f"\nDrift ({_name(r)}, {r['viewers']} viewer(s)): first {r['window_s']:g}-s window p99 "
                        f"{d['first_window_p99']:.1f} ms, last {d['last_window_p99']:.1f} ms "
                        f"(× {d['last_over_first']}, within 10 %: {'yes' if d['within_10_pct'] else 'no'}).")
     return "\n".join(out) + "\n"
@@ -1039,7 +1122,7 @@ def plot(report: dict, path: str | Path) -> None:
         g = r["glass_to_glass_ms"]
         ax.hist(v, bins=bins, histtype="step", lw=1.6, color=colors[i % len(colors)],
                 weights=np.full(v.size, 1.0 / v.size),
-                label=f"{r['server']} · {r['viewers']} viewer(s): p50 {g['p50']:.0f} / p99 {g['p99']:.0f} ms")
+                label=f"{_name(r)} · {r['viewers']} viewer(s): p50 {g['p50']:.0f} / p99 {g['p99']:.0f} ms")
     if logx:
         ax.set_xscale("log")
     budget = runs[0]["budget_ms"]
@@ -1052,7 +1135,7 @@ def plot(report: dict, path: str | Path) -> None:
     for i, r in enumerate(runs):
         a = np.array(r["_timeline"])
         ax.plot(a[:, 0], a[:, 1], ".", ms=2, color=colors[i % len(colors)], alpha=0.6,
-                label=f"{r['server']} · {r['viewers']}")
+                label=f"{_name(r)} · {r['viewers']}")
         if r.get("windows") and len(r["windows"]) > 2:
             w = r["windows"]
             ax.plot([x["t_s"] + x["length_s"] / 2 for x in w], [x["p99"] for x in w], "-",
@@ -1086,7 +1169,7 @@ def plot(report: dict, path: str | Path) -> None:
             ax.barh(i, val, left=left, color=STAGE_COLORS.get(name, "#999999"), edgecolor="white",
                     label=name if name not in ax.get_legend_handles_labels()[1] else None)
             left += val
-        labels.append(f"{r['server']} · {r['viewers']}")
+        labels.append(f"{_name(r)} · {r['viewers']}")
     ax.set_yticks(range(len(runs)), labels)
     if logx:
         ax.set_xscale("symlog", linthresh=10)
@@ -1218,11 +1301,12 @@ def run(args) -> int:
                     with ServerProcess(server, source, args.model, extra=extra) as srv:
                         run_ = measure(srv.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                        warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
-                                       window_s=args.window_s, quiet=args.quiet)
+                                       window_s=args.window_s, quiet=args.quiet, server_pid=srv.proc.pid)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
                 print(f"sonomaly latency: {server} with {n} viewer(s) failed: {exc}", file=sys.stderr)
                 failed = True
                 continue
+            run_["label"] = " ".join([server, *(args.serve_arg if server == "sonomaly" else [])])
             report["runs"].append(run_)
             if not args.quiet:
                 g = run_["glass_to_glass_ms"]
