@@ -30,7 +30,7 @@ def _lat_ms(i: int) -> float:
 
 
 def _synthetic(budget_ms: float = 200.0, window_s: float | None = None):
-    """100 frames; 30 never composed; 10-12 composed but never shown; 50 shown without a callback; 5 shown twice;
+    """100 frames; 30 never composed; 10-12 composed but never shown; 50 shown without a callback; 5 read twice;
     one code that matches no record; unreadable frames inside and outside the window."""
     recs = _records(100, missing={30})
     v = ViewerData("chromium", 0)
@@ -42,9 +42,9 @@ def _synthetic(budget_ms: float = 200.0, window_s: float | None = None):
         if i == 50:
             continue  # presented (the counter moves on) but no callback: shown, not timed
         t = T0 + i * PERIOD_NS + int(_lat_ms(i) * 1e6)
+        if i == 5:  # read early by a callback that raced ahead (its time is not this frame's): the last read wins
+            v.samples.append((i, t - 10_000_000, -1, -1, count))
         v.samples.append((i, t, t - 20_000_000, t - 1_000_000, count))
-        if i == 5:
-            v.samples.append((i, t + PERIOD_NS, -1, -1, count))  # a repeat of a frame already counted
     v.samples.append((5000, T0 + 60 * PERIOD_NS, -1, -1, -1))
     v.unreadable = [T0 + 20 * PERIOD_NS, T0 + 21 * PERIOD_NS, T0 - 10 * PERIOD_NS]
     v.damaged = [T0 + 22 * PERIOD_NS]
@@ -69,7 +69,7 @@ def test_analysis_of_known_data():
     assert r["shown_not_timed"] == 1  # frame 50
     assert r["frames_lost"] == 4
     assert r["no_code"] == 2 and r["damaged_code"] == 1
-    assert r["unmatched"] == 1 and r["shown_before_composed"] == 0
+    assert r["unmatched"] == 1 and r["shown_before_composed"] == 0 and r["repeated_reads"] == 1
     assert r["received_fps"] == pytest.approx((len(shown) + 1) / r["seconds"], abs=0.01)
     st = r["stages_ms"]
     assert st["server_total"]["p50"] == pytest.approx(5.0)

@@ -766,9 +766,10 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
     pooled_rows: list[dict[str, float]] = []
     pooled_parallel: list[dict[str, float]] = []
     timeline: list[tuple[float, float, int]] = []
+    parts: list[tuple[float, float, float, float]] = []  # per timed frame, for the per-window stage medians
     per_viewer = []
     totals = {"frames": 0, "lost": 0, "lost_at_server": 0, "lost_after_server": 0, "no_code": 0, "damaged_code": 0,
-              "unmatched": 0,
+              "unmatched": 0, "repeated_reads": 0,
               "shown_not_timed": 0, "shown_before_composed": 0}
     for v in viewers:
         seen: set[int] = set()
@@ -776,15 +777,23 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
         ids: list[int] = []
         unmatched = 0
         causality = 0
+        repeats = 0
         missed_callbacks = 0  # frames Chromium presented without a requestVideoFrameCallback for them
         last_count = None
-        for code, t_show, t_recv, t_pres, count in v.samples:
-            if not (t0 <= t_show <= t1):
-                continue
+        inwin = [smp for smp in v.samples if t0 <= smp[1] <= t1]
+        # A code read in two callbacks: the earlier read raced ahead (the video element already held the next
+        # frame when the callback ran, so its time belongs to the frame before); the last read is the frame's own.
+        last_of: dict[int, int] = {}
+        for k, smp in enumerate(inwin):
+            last_of[smp[0]] = k
+        for k, (code, t_show, t_recv, t_pres, count) in enumerate(inwin):
             if count >= 0:
                 if last_count is not None and count > last_count + 1:
                     missed_callbacks += count - last_count - 1
                 last_count = count
+            if last_of[code] != k:
+                repeats += 1
+                continue
             rec = by_code.get(code)
             if rec is None:
                 unmatched += 1
@@ -819,6 +828,8 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                 pooled_parallel.append(par)
             g2g.append(lat)
             timeline.append(((t_show - t0) / 1e9, lat, v.index))
+            parts.append((row["server_total"], row["after_server"], row.get("send_network", math.nan),
+                          row.get("jitter_decode", row.get("jitter_decode_paint", math.nan))))
         lost_server = lost_after = 0
         if ids:
             lo, hi = min(ids), max(ids)
@@ -839,7 +850,7 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                  "frames": len(g2g), "frames_lost": lost, "lost_at_server": lost_server,
                  "lost_after_server": lost_after - missed, "shown_not_timed": missed, "no_code": unreadable,
                  "damaged_code": damaged,
-                 "unmatched": unmatched, "shown_before_composed": causality,
+                 "unmatched": unmatched, "shown_before_composed": causality, "repeated_reads": repeats,
                  "lost_pct": round(100.0 * lost / max(1, missing + len(g2g)), 3)}
         if v.stats:
             stats = dict(v.stats)
@@ -856,6 +867,7 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
         totals["lost_after_server"] += lost_after - missed
         totals["shown_not_timed"] += missed
         totals["shown_before_composed"] += causality
+        totals["repeated_reads"] += repeats
         totals["no_code"] += unreadable
         totals["damaged_code"] += damaged
         totals["unmatched"] += unmatched
@@ -878,6 +890,7 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
         "unmatched": totals["unmatched"],
         "shown_not_timed": totals["shown_not_timed"],
         "shown_before_composed": totals["shown_before_composed"],
+        "repeated_reads": totals["repeated_reads"],
         "lost_pct": round(100.0 * totals["lost"] / max(1, totals["lost"] + totals["shown_not_timed"]
                                                        + totals["frames"]), 3),
         "stages_ms": _stage_table(pooled_rows),
@@ -897,13 +910,23 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
     windows = []
     if timeline:
         arr = np.array(timeline, float)
+        prt = np.array(parts, float)
         k = 0
         while k * ws < seconds - 1e-9:
-            sel = arr[(arr[:, 0] >= k * ws) & (arr[:, 0] < (k + 1) * ws), 1]
-            if sel.size:
-                windows.append({"t_s": round(k * ws, 3), "length_s": round(min(ws, seconds - k * ws), 3),
-                                "n": int(sel.size), "p50": round(pct(sel, 50), 3), "p95": round(pct(sel, 95), 3),
-                                "p99": round(pct(sel, 99), 3), "max": round(float(sel.max()), 3)})
+            inwin = (arr[:, 0] >= k * ws) & (arr[:, 0] < (k + 1) * ws)
+            sel = arr[inwin, 1]
+            if sel.size and seconds - k * ws >= 0.05 * ws:  # not the sliver left after the last full window
+                length = min(ws, seconds - k * ws)
+                w = {"t_s": round(k * ws, 3), "length_s": round(length, 3), "n": int(sel.size),
+                     "fps": round(sel.size / len(viewers) / length, 2) if viewers else None,
+                     "p50": round(pct(sel, 50), 3), "p95": round(pct(sel, 95), 3), "p99": round(pct(sel, 99), 3),
+                     "max": round(float(sel.max()), 3)}
+                for j, name in enumerate(("server_total", "after_server", "send_network", "jitter_decode")):
+                    col = prt[inwin, j]
+                    col = col[np.isfinite(col)]
+                    if col.size:
+                        w[f"{name}_p50"] = round(pct(col, 50), 3)
+                windows.append(w)
             k += 1
     result["window_s"] = ws
     result["windows"] = windows
@@ -1064,11 +1087,11 @@ def markdown(report: dict) -> str:
     if par:
         out += ["", "Sonomaly's AI worker, beside the path (median (p95), ms):", ""]
         keys = list(par[0]["parallel_stages_ms"])
-        out.append("| viewers | " + " | ".join(keys) + " |")
-        out.append("|---:|" + "---:|" * len(keys))
+        out.append("| server | viewers | " + " | ".join(keys) + " |")
+        out.append("|---|---:|" + "---:|" * len(keys))
         for r in par:
             ps = r["parallel_stages_ms"]
-            out.append(f"| {r['viewers']} | " + " | ".join(f"{ps[k]['p50']:.1f} ({ps[k]['p95']:.1f})" if k in ps
+            out.append(f"| {_name(r)} | {r['viewers']} | " + " | ".join(f"{ps[k]['p50']:.1f} ({ps[k]['p95']:.1f})" if k in ps
                                                           else "–" for k in keys) + " |")
     out += ["", "Receivers (Chromium `getStats()` over the window, mean over viewers):", "",
             "| server | viewers | codec | size | kbit/s | jitter buffer ms | decode ms | freezes | per-viewer p99 |",
@@ -1083,8 +1106,10 @@ def markdown(report: dict) -> str:
         out.append(f"| {_name(r)} | {r['viewers']} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
                    f"{rx[0].get('frameHeight')} | {mean('kbit_per_s')} | {mean('jitter_buffer_ms_avg')} | "
                    f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {p99s} |")
-    if report.get("comparisons"):
+    if report.get("comparisons") and not report.get("sets"):
         out += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in report["comparisons"].items())]
+    if report.get("sets"):
+        out.append("")
     for st in report.get("sets", []):
         if st.get("comparisons"):
             out.append(f"- ratios in `{st['file']}`: " + "; ".join(f"{k} = {v}" for k, v in st["comparisons"].items()))
