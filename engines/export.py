@@ -562,7 +562,7 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, *, fp16: bo
         q = evaluate(ort_infer(p8), vs)
         gate = int8_gate(r, q, max_image_drop=max_image_drop, max_pixel_drop=max_pixel_drop)
         entry = {"file": p8.name if gate["accepted"] else None, "gate": gate, "vs_fp32": compare(r, q),
-                 "calibration": {"source": [str(p) for p in media_files(calib)], "frames": int(len(ctens)),
+                 "calibration": {"source": [Path(p).name for p in media_files(calib)], "frames": int(len(ctens)),
                                  "method": "minmax, QDQ, per-channel int8 weights, uint8 activations, Conv only, first and last Conv FP32"}}
         if gate["accepted"]:
             card.files["onnx_int8"] = p8.name

@@ -704,7 +704,7 @@ def _write_model_readme(out_dir: Path, card: ModelCard, organ: str, bench_rows: 
         f"{card.training['frames']['fit']} fit frames / {card.training['frames']['held_out']} held-out normal frames "
         f"from {len(card.training['data'])} files (sha256 of each in `card.json` → `training.data`); seed "
         f"{card.training['seed']}, {card.training['fit'].get('steps')} steps, {card.training['seconds']['total']} s on "
-        f"{card.training['threads']} thread(s). Licences and citations: `../shared/data/ultrasound/LICENSES.md` "
+        f"{card.training['threads']} thread(s). Licences and citations: `LICENSES.md` of the project's ultrasound data folder "
         "(lung: POCUS dataset, CC BY 4.0 / 2.0 per clip; breast: BUSI, Al-Dhabyani et al. 2020, licence caveat there).", "",
         "## Measured (benchmark, group-aware splits, mean ± sd over seeds; `benchmarks/detectors.md`)",
         f"The benchmark retrains this family per split at {m.get('benchmark', {}).get('size', '?')}² and evaluates on "
@@ -735,10 +735,10 @@ def _write_model_readme(out_dir: Path, card: ModelCard, organ: str, bench_rows: 
               f".venv/bin/sonomaly evaluate --model models/{organ} --data DIR --json out.json --report out_dir"
               "   # DIR: normal/ abnormal/ [masks/]", "```"]
     lines += ["", "## Rebuild", "```sh",
-              "flock /tmp/sonomaly-cpu.lock .venv/bin/sonomaly bench detectors --data ../shared/data/ultrasound "
+              "flock /tmp/sonomaly-cpu.lock .venv/bin/sonomaly bench detectors --data $DATA "
               "--json benchmarks/detectors.json",
               ".venv/bin/python -c \"from sonomaly.engines.train import train_defaults; "
-              "train_defaults('../shared/data/ultrasound', 'benchmarks/detectors.json')\"", "```"]
+              "train_defaults('$DATA', 'benchmarks/detectors.json')\"   # DATA: the ultrasound data folder", "```"]
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 

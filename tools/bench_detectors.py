@@ -13,7 +13,7 @@ held-out *normal* groups, and evaluates with :func:`sonomaly.engines.evaluate.ev
 
 CPU ms per frame is measured separately on the 256² export of each family (ONNX Runtime, batch 1, 1 and 2 threads).
 
-    flock /tmp/sonomaly-cpu.lock sonomaly bench detectors --data ../shared/data/ultrasound --json benchmarks/detectors.json
+    flock /tmp/sonomaly-cpu.lock sonomaly bench detectors --data $DATA --json benchmarks/detectors.json
 """
 from __future__ import annotations
 

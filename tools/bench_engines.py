@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only re-render the markdown (--md) from a results JSON written earlier; measures nothing")
     p.add_argument("--calib", nargs="+", default=None,
                    help="normal clips for INT8 calibration (default: the shared normal lung clips other than the "
-                        "validation one when ../shared is present, else the bundled normal clip)")
+                        "validation one when the shared data folder is present, else the bundled normal clip)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
