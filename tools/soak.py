@@ -64,10 +64,28 @@ async def soak(args) -> dict[str, Any]:
     samples: list[dict[str, Any]] = []
     records: dict[int, dict] = {}  # frame id -> record, pruned as windows pass
     last_id = -1
-    viewers = [ViewerData("aiortc", i) for i in range(args.viewers)]
-    stop = asyncio.Event()
-    firsts = [asyncio.Event() for _ in viewers]
     errors: list[str] = []
+    stop = asyncio.Event()
+    # each viewer in a process of its own, as N viewers on N machines would be: no viewer waits for another's Python
+    # (the first soak ran all receivers in one process, and their decoding, not the server, set the viewer latency)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    viewers: list[tuple[Any, Any]] = []
+    for i in range(args.viewers):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_viewer_process, args=(server.url, i, child, t_start), daemon=True)
+        proc.start()
+        viewers.append((proc, parent))
+
+    async def ask(conn, msg, timeout: float = 30.0):
+        def rpc():
+            if msg is not None:
+                conn.send(msg)
+            if not conn.poll(timeout):
+                raise RuntimeError("a soak viewer did not answer")
+            return conn.recv()
+        return await loop.run_in_executor(None, rpc)
 
     async def poll_records() -> None:
         nonlocal last_id
@@ -85,33 +103,20 @@ async def soak(args) -> dict[str, Any]:
             await asyncio.sleep(1.0)
 
     reconnects = [0] * len(viewers)
-
-    async def run_viewer(v: ViewerData, first: asyncio.Event) -> None:
-        # like the viewer page: a session that ends (no frame for 5 s, ICE failure) is counted and started again
-        while not stop.is_set():
-            v.error = None
-            try:
-                await _aiortc_viewer(server.url, v, None, stop, first)
-            except Exception as exc:  # noqa: BLE001 - a viewer failing is a result, not a crash of the soak
-                v.error = f"{type(exc).__name__}: {exc}"
-            if stop.is_set():
-                break
-            reconnects[v.index] += 1
-            errors.append(f"viewer {v.index} session ended at {time.monotonic() - t_start:.0f} s "
-                          f"({v.error or 'no frame for 5 s'}); reconnecting")
-            await asyncio.sleep(1.0)
-
+    pending: list[list[tuple[int, int]]] = [[] for _ in viewers]
     tasks = [asyncio.ensure_future(poll_records())]
-    tasks += [asyncio.ensure_future(run_viewer(v, f)) for v, f in zip(viewers, firsts)]
     try:
-        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 60)
+        for _, conn in viewers:
+            msg = await ask(conn, None, 90.0)
+            if msg != "ready":
+                raise RuntimeError(f"soak viewer failed: {msg}")
         t0 = time.monotonic()
         t_end = t0 + args.minutes * 60
         prev_health = await loop.run_in_executor(None, get_json, server.url + "/health", 5.0)
         prev_t = time.monotonic()
         win_start_ns = time.monotonic_ns()
-        for v in viewers:
-            v.samples = []
+        for _, conn in viewers:  # discard what came before the first window
+            await ask(conn, "take")
         while time.monotonic() < t_end:
             await asyncio.sleep(min(args.interval, max(0.0, t_end - time.monotonic())))
             win_end_ns = time.monotonic_ns()
@@ -125,13 +130,18 @@ async def soak(args) -> dict[str, Any]:
             glass: list[float] = []
             fps_v = []
             unmatched = 0
-            for v in viewers:
-                taken, v.samples = v.samples, []
+            for i, (_, conn) in enumerate(viewers):
+                _, taken, reconnects[i], errs = await ask(conn, "take")
+                errors.extend(errs)
+                taken, pending[i] = pending[i] + taken, []
                 seen = set()
-                for code, t_show, *_ in taken:
+                for code, t_show in taken:
                     r = by_code.get(code)
                     if r is None:
-                        unmatched += 1
+                        if t_show >= win_start_ns:  # its record may not be polled yet: try again next window
+                            pending[i].append((code, t_show))
+                        else:
+                            unmatched += 1
                         continue
                     if r["frame_id"] in seen:
                         continue
@@ -174,11 +184,76 @@ async def soak(args) -> dict[str, Any]:
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for proc, conn in viewers:
+            try:
+                conn.send("stop")
+            except OSError:
+                pass
+        for proc, _ in viewers:
+            proc.join(15)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
         server_out = server.output()
         server.stop()
     return {"config": _config(args, uri), "machine": info, "samples": samples, "errors": errors,
             "summary": summarise(samples, args.warmup),
             "server_log_tail": server_out[-2000:], "wall_s": round(time.monotonic() - t_start, 1)}
+
+
+def _viewer_process(url: str, index: int, conn, t_start: float) -> None:
+    """One soak viewer in a process of its own. Like the viewer page, a session that ends (no frame for 5 s, ICE
+    failure) is counted and started again. Answers "take" with ``("samples", [(code, t_ns)], reconnects, errors)``
+    (what it decoded since the last "take") and ends at "stop"."""
+    import logging
+
+    for name in ("aioice", "aiortc"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    v = ViewerData("aiortc", index)
+
+    async def main() -> None:
+        stop, first = asyncio.Event(), asyncio.Event()
+        reconnects = 0
+        errors: list[str] = []
+
+        async def run() -> None:
+            nonlocal reconnects
+            while not stop.is_set():
+                v.error = None
+                try:
+                    await _aiortc_viewer(url, v, None, stop, first)
+                except Exception as exc:  # noqa: BLE001 - a viewer failing is a result, not a crash of the soak
+                    v.error = f"{type(exc).__name__}: {exc}"
+                if stop.is_set():
+                    break
+                reconnects += 1
+                errors.append(f"viewer {index} session ended at {time.monotonic() - t_start:.0f} s "
+                              f"({v.error or 'no frame for 5 s'}); reconnecting")
+                await asyncio.sleep(1.0)
+
+        task = asyncio.ensure_future(run())
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(first.wait(), 60)
+            conn.send("ready")
+            while True:
+                msg = await loop.run_in_executor(None, conn.recv)
+                if msg != "take":
+                    break
+                taken, v.samples = v.samples, []
+                errs, errors[:] = list(errors), []
+                conn.send(("samples", [(c, t) for c, t, *_ in taken], reconnects, errs))
+        finally:
+            stop.set()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(main())
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        try:
+            conn.send(f"{type(exc).__name__}: {exc}")
+        except OSError:
+            pass
 
 
 def _config(args, uri: str) -> dict[str, Any]:
@@ -231,10 +306,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"`python -m sonomaly.tools.soak --minutes {c['minutes']:g} --fps {c['fps']:g} --viewers {c['viewers']}` "
         "(run under `flock /tmp/sonomaly-cpu.lock`). Source `" + c["source"] + "`, model `" + str(c["model"]) + "`, "
-        f"{c['viewers']} headless aiortc viewers in one process, a sample every {c['interval_s']:g} s. "
+        f"{c['viewers']} headless aiortc viewers, each in a process of its own, a sample every {c['interval_s']:g} s. "
         "Generated by `tools/soak.py` from `benchmarks/soak.json`.",
         "",
-        f"Machine: {m.get('cpu')} ({m.get('nproc')} cores, shared with other engineers' jobs), "
+        f"Machine: {m.get('cpu')} ({m.get('nproc')} cores), "
         f"{m.get('memory_gib')} GiB, Python {m.get('python')}, aiortc {m.get('aiortc')}, PyAV {m.get('av')}, "
         f"onnxruntime {m.get('onnxruntime')}; load average at start {m.get('loadavg_at_start')}, "
         f"mean 1-min load during the run {s.get('load1_mean')}.",
