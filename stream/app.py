@@ -57,6 +57,9 @@ class ServerOptions:
     whip_token: str | None = None
     max_viewers: int = 64
     """Direct WebRTC viewers at most (more get 503: put an SFU behind --whip for large audiences)."""
+    playout_delay: tuple[int, int] | None = (0, 0)
+    """(min, max) ms sent in the ``playout-delay`` RTP header extension (:mod:`sonomaly.stream.playout`): ``(0, 0)``
+    asks browsers to show each frame as soon as it is decoded; ``None`` leaves their smoothing as it is."""
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -90,6 +93,12 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
                                 on_encoded=lambda out, a, b: Pipeline.stamp_record(out, "encode", a, b))
     elif options is not None:  # per-viewer, configured: aiortc's encoders at the same bitrate (not its 0.5–1.5M)
         set_aiortc_bitrate(opts.bitrate)
+    from sonomaly.stream import playout
+
+    if opts.playout_delay is not None:
+        playout.enable(*opts.playout_delay)
+    else:
+        playout.disable()
     webrtc = WebRTCServer(pipeline.out, pipeline._t0_ns, ice_servers=ice_servers, encoder=encoder,
                           max_viewers=opts.max_viewers)
     guard = Guard(opts.security)

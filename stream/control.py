@@ -159,7 +159,8 @@ def router(state: ControlState, guard) -> APIRouter:
             raise HTTPException(409, "a model switch is already in progress")
         async with state._switch_lock:
             state.switching = {"model": str(path), "backend": choice.backend}
-            opts = {} if choice.threads is None else {"threads": choice.threads}
+            # a live stream: ONNX Runtime's idle threads must not spin (they would starve the grabber and encoder)
+            opts = {"threads": 1 if choice.threads is None else choice.threads, "spin": False}
             loop = asyncio.get_running_loop()
             try:
                 # load (and warm up) in a thread: the event loop keeps serving viewers, the pipeline keeps composing

@@ -47,6 +47,12 @@ def restrict_codecs(codecs: list, codec: str) -> list:
     return base + rtx
 
 
+def _playout_status() -> dict:
+    from sonomaly.stream import playout
+
+    return playout.status()
+
+
 class OfferError(ValueError):
     """A malformed offer: the HTTP layer answers 400 with this message."""
 
@@ -333,6 +339,7 @@ class WebRTCServer:
         return {"viewers": len(self.viewers), "viewers_total": self.total_viewers,
                 "viewers_dropped_by_watchdog": self.dropped_by_watchdog, "max_viewers": self.max_viewers,
                 "states": sorted(v.pc.connectionState for v in self.viewers), "encode": self.encode_mode,
+                **_playout_status(),
                 # per viewer: how long after it subscribed its first keyframe went out (shared encoder)
                 "first_keyframe_ms": sorted(round(v.track.first_keyframe_s * 1000, 1) for v in self.viewers
                                             if getattr(v.track, "first_keyframe_s", None) is not None),

@@ -27,6 +27,19 @@ def test_serve_requires_a_source():
         build_parser().parse_args(["serve"])
 
 
+def test_serve_rejects_a_bad_playout_delay(demo_clip, capsys):
+    rc = main(["serve", "--source", str(demo_clip), "--playout-delay", "50,10"])
+    assert rc == 2
+    assert "--playout-delay" in capsys.readouterr().err
+
+
+def test_real_lesions_is_for_draem_only(tmp_path, capsys):
+    rc = main(["train", "--family", "conv_ae", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
+               "--real-lesions", "0.5"])
+    assert rc == 2
+    assert "--family draem" in capsys.readouterr().err
+
+
 def test_bench_pipeline_writes_json(tmp_path, lung_model, demo_clip):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "bench", "pipeline", "--frames", "12",

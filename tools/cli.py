@@ -28,6 +28,8 @@ BENCHES: dict[str, str] = {
     "viewers": "sonomaly.tools.bench_viewers",
     "pipeline": "sonomaly.tools.bench_pipeline",
 }
+# inference threads of a live stream (ONNX Runtime / torch on the CPU); see docs/ENGINES.md "Live serving"
+LIVE_THREADS = 1
 LIVE_PREFIXES = ("device:", "/dev/video", "rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
@@ -36,7 +38,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
                    help="inference backend (auto: TensorRT when a GPU and TensorRT are present, else ONNX Runtime)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"CPU threads for inference (default {LIVE_THREADS}: on a small shared CPU one thread that "
+                        "never spins gives the same time per frame as two, at less than half the CPU)")
+    p.add_argument("--ort-spin", action="store_true",
+                   help="let ONNX Runtime's idle intra-op threads busy-wait between frames (off by default: the "
+                        "spinning burns most of a core that the grabber, composer and encoder need)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for WebRTC (repeatable; none by default: closed networks)")
     p.add_argument("--max-ai-lag-ms", type=float, default=100.0,
@@ -52,6 +59,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="codec of the shared encoder (default vp8)")
     g.add_argument("--bitrate", default="4M", help="bitrate of the shared encoder, e.g. 2M..6M on a hospital LAN "
                                                    "(default 4M)")
+    g.add_argument("--playout-delay", default="0,0", metavar="MIN,MAX",
+                   help="ms sent to viewers in the playout-delay RTP extension: 0,0 (default) asks browsers to show "
+                        "each frame as soon as it is decoded, without smoothing; 'off' keeps their smoothing")
     g.add_argument("--max-viewers", type=int, default=64,
                    help="direct WebRTC viewers at most (more get 503; use --whip and an SFU for large audiences)")
     g.add_argument("--whip", default=None, metavar="URL", help="also publish the stream to this WHIP ingest")
@@ -103,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real-lesions", type=float, default=0.0, metavar="P",
+                   help="draem: also learn from abnormal images that have lesion masks (masks/<stem>_mask*.png): a "
+                        "share P of the training items becomes a real lesion, as it is or pasted onto a normal frame "
+                        "(the threshold is still chosen on normal frames only)")
 
     for name in PLUGIN_COMMANDS:
         if importlib.util.find_spec(name) is not None:
@@ -131,7 +145,7 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     log = logging.getLogger("sonomaly")
     engine = None
     if model_dir:
-        opts = {} if args.threads is None else {"threads": args.threads}
+        opts = {"spin": bool(args.ort_spin), "threads": args.threads if args.threads is not None else LIVE_THREADS}
         engine = engines.load(model_dir, backend=args.backend, **opts)
         log.info("model %s on %s (%s)", engine.card.name, engine.backend, engine.backend_reason or "as asked")
     # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended
@@ -141,9 +155,15 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     pipeline = Pipeline(source, engine, config)
     from sonomaly.stream.app import ServerOptions
     from sonomaly.stream.encoder import parse_bitrate
+    from sonomaly.stream.playout import parse as parse_playout
     from sonomaly.stream.recorder import EventConfig
     from sonomaly.stream.security import SecurityConfig
 
+    try:
+        playout_delay = parse_playout(args.playout_delay)
+    except ValueError as e:
+        print(f"sonomaly: --playout-delay: {e}", file=sys.stderr)
+        return 2
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("sonomaly: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
@@ -155,7 +175,8 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
         recordings_dir=Path(args.recordings), dataset_dir=Path(args.feedback_dir),
         models_dir=Path(args.models_dir) if args.models_dir else DEMO_MODEL.parent,
         events=EventConfig(enabled=args.event_clips, event_frames=args.event_frames, pre_roll_s=args.pre_roll),
-        whip_url=args.whip, whip_token=args.whip_token, max_viewers=args.max_viewers)
+        whip_url=args.whip, whip_token=args.whip_token, max_viewers=args.max_viewers,
+        playout_delay=playout_delay)
     app = create_app(pipeline, ice_servers=args.ice_server, options=options)
     scheme = "https" if args.ssl_certfile else "http"
     print(f"Sonomaly: streaming {source_uri} — open {scheme}://{args.host}:{args.port}/ in a browser", flush=True)
@@ -184,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from sonomaly.engines.train import train
 
-        card = train(args.family, args.data, args.out, size=args.size, epochs=args.epochs, seed=args.seed)
+        extra = {"family_config": {"real_p": args.real_lesions}} if args.real_lesions > 0 else {}
+        if extra and args.family != "draem":
+            print("sonomaly train: --real-lesions is for --family draem", file=sys.stderr)
+            return 2
+        card = train(args.family, args.data, args.out, size=args.size, epochs=args.epochs, seed=args.seed, **extra)
         print(f"wrote {args.out} ({card.name}, family {card.family})")
         return 0
     return 2
