@@ -44,6 +44,8 @@ FAMILY_EPOCHS: dict[str, int] = {"patch_gaussian": 1, "conv_ae": 10, "ae": 10, "
                                  "classifier": 12}
 # families that can use real abnormal images (image labels) when the data hold them
 SUPERVISED = {"classifier"}
+# families that can use lesion masks of real abnormal images (``masks/<stem>_mask*.png``) when asked to (``real_p`` > 0)
+MASK_SUPERVISED = {"draem"}
 # wall-clock cap per default training (the issue's budget: <= 15 min per default model on 2 CPU cores)
 MAX_TRAIN_SECONDS = 14 * 60
 
@@ -172,6 +174,35 @@ def load_tensors(source: Source, card: ModelCard, *, every: int, max_frames: int
     for i, f in enumerate(frames):
         preprocess(f, region, card, out=out[i : i + 1])
     return out
+
+
+def lesion_mask_paths(path: Path) -> list[Path]:
+    """The lesion masks of an abnormal image: ``<stem>_mask*.png`` in a ``masks/`` folder beside the image or beside
+    its folder (``DIR/abnormal/x.png`` -> ``DIR/masks/x_mask.png``, the layout ``sonomaly evaluate`` reads)."""
+    from .evaluate import find_masks
+
+    for d in (path.parent / "masks", path.parent.parent / "masks"):
+        found = find_masks(d, path.stem)
+        if found:
+            return found
+    return []
+
+
+def load_lesion_mask(source: Source, card: ModelCard, *, region_fn: Callable[[np.ndarray], ScanRegion]) -> np.ndarray | None:
+    """The united lesion mask of an abnormal still image at the model input's geometry (bbox crop, resize; 0 outside
+    the scan region): float32 ``[1, 1, H, W]`` of 0/1, or ``None`` when the image has no mask."""
+    from .evaluate import united_mask
+
+    paths = lesion_mask_paths(source.path)
+    if not paths or source.path.suffix.lower() not in IMAGE_EXT:
+        return None
+    frame = read_frames(source.path)[0]
+    region = clip_region([frame], region_fn)
+    m = united_mask(paths, frame.shape[:2]).astype(np.uint8) * 255
+    h, w = card.input_size
+    small = cv2.resize(region.crop(m), (w, h), interpolation=cv2.INTER_AREA) > 127
+    inside = cv2.resize(region.crop_mask(), (w, h), interpolation=cv2.INTER_AREA) > 127
+    return (small & inside).astype(np.float32)[None, None]
 
 
 def _progress(msg: str, on: bool) -> None:
@@ -319,9 +350,10 @@ def train(
     if not normals:
         raise ValueError("no normal images/clips in the data (thresholds are chosen on held-out normal data only)")
     use_abn = family in SUPERVISED and bool(abnormals)
-    if abnormals and not use_abn:
+    use_masks = family in MASK_SUPERVISED and float(cfg.get("real_p", 0.0)) > 0 and bool(abnormals)
+    if abnormals and not (use_abn or use_masks):
         _progress(f"[train] {family} trains on normal data only: ignoring {len(abnormals)} abnormal file(s)", progress)
-    todo = normals + (abnormals if use_abn else [])
+    todo = normals + (abnormals if use_abn or use_masks else [])
     _progress(f"[train] {family}: decoding {len(todo)} file(s) (every {every}th frame)", progress)
     tensors: dict[str, np.ndarray] = {}
     t_dec = time.time()
@@ -335,6 +367,22 @@ def train(
                                     val_groups)
     val_groups_set = {s.group for s in val_src}
     abn_fit = [s for s in abnormals if s.group not in val_groups_set] if use_abn else []
+    lesion_fit: list[Source] = []
+    if use_masks:  # real lesions (masks) for the synthetic-anomaly segmenter: a bank beside the normal batches
+        bank_x, bank_m = [], []
+        for s in abnormals:
+            if s.group in val_groups_set:
+                continue
+            m = load_lesion_mask(s, icard, region_fn=region_fn)
+            if m is None or not m.any():
+                continue
+            bank_x.append(tensors[str(s.path)][:1])
+            bank_m.append(m)
+            lesion_fit.append(s)
+        if not lesion_fit:
+            raise ValueError(f"{family}: real_p > 0 but none of the {len(abnormals)} abnormal file(s) has a lesion mask "
+                             f"(masks/<stem>_mask*.png beside the images or their folder)")
+        _progress(f"[train] real lesions: {len(lesion_fit)} abnormal image(s) with masks", progress)
     fit_arr = np.concatenate([tensors[str(s.path)] for s in fit_src + abn_fit])
     fit_lab = np.concatenate([np.full(len(tensors[str(s.path)]), float(s.label != "normal"), np.float32)
                               for s in fit_src + abn_fit])
@@ -343,6 +391,8 @@ def train(
               f"{len(val_arr)} normal frames (groups {sorted(val_groups_set)})", progress)
 
     model = build(family, **cfg)
+    if lesion_fit:
+        model.set_lesion_bank(torch.from_numpy(np.concatenate(bank_x)), torch.from_numpy(np.concatenate(bank_m)))
     epochs = epochs if epochs is not None else FAMILY_EPOCHS.get(family)
     fit_kwargs = {"epochs": epochs} if epochs is not None else {}
     t_fit = time.time()
@@ -407,6 +457,7 @@ def train(
                       "frames_used": int(len(tensors[str(s.path)])),
                       "label": s.label,
                       "role": ("fit" if s in fit_src or s in abn_fit else
+                               "fit (real lesion + mask)" if s in lesion_fit else
                                "held-out (normalisation/threshold)" if s in val_src else "unused")}
                      for s in all_files],
             "frames": {"fit": int(len(fit_arr)), "held_out": int(len(val_arr))},
@@ -702,7 +753,8 @@ def _write_model_readme(out_dir: Path, card: ModelCard, organ: str, bench_rows: 
         f"{t['chosen_on']['frames']} frames of groups {', '.join(t['chosen_on']['groups'])} (never fitted).", "",
         "## Training data",
         f"{card.training['frames']['fit']} fit frames / {card.training['frames']['held_out']} held-out normal frames "
-        f"from {len(card.training['data'])} files (sha256 of each in `card.json` → `training.data`); seed "
+        f"from {len(card.training['data'])} files (sha256 of each in `card.json` → `training.data`)"
+        + (f"; lesions: {card.training['fit']['lesions']}" if card.training["fit"].get("lesions") else "") + "; seed "
         f"{card.training['seed']}, {card.training['fit'].get('steps')} steps, {card.training['seconds']['total']} s on "
         f"{card.training['threads']} thread(s). Licences and citations: `LICENSES.md` of the project's ultrasound data folder "
         "(lung: POCUS dataset, CC BY 4.0 / 2.0 per clip; breast: BUSI, Al-Dhabyani et al. 2020, licence caveat there).", "",
@@ -738,13 +790,14 @@ def _write_model_readme(out_dir: Path, card: ModelCard, organ: str, bench_rows: 
               "flock /tmp/sonomaly-cpu.lock .venv/bin/sonomaly bench detectors --data $DATA "
               "--json benchmarks/detectors.json",
               ".venv/bin/python -c \"from sonomaly.engines.train import train_defaults; "
-              "train_defaults('$DATA', 'benchmarks/detectors.json')\"   # DATA: the ultrasound data folder", "```"]
+              "train_defaults('$DATA', 'benchmarks/detectors.json', max_seconds=840)\"   # DATA: the ultrasound data "
+              "folder", "```"]
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | Path | None = None,
                    organs: Sequence[str] = ("breast", "lung"), size: int | None = None, seed: int = 0,
-                   progress: bool = True, max_seconds: float = 360.0) -> dict[str, str]:
+                   progress: bool = True, max_seconds: float = 840.0) -> dict[str, str]:
     """Train the benchmark's best family per organ on all training data and write ``models/<organ>``."""
     import math
     import shutil
@@ -755,15 +808,17 @@ def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | 
     bench = json.loads(Path(bench_json).read_text())
     from sonomaly.tools.bench_detectors import STEPS, family_config
 
+    from sonomaly.tools.bench_detectors import uses_abnormal
+
     rows = read_manifest(data_dir)
-    late = _dt.datetime.now().strftime("%H%M") >= "0535"
-    size = size or (128 if late else 256)
+    size = size or 256
     chosen = {}
     for organ in organs:
         ds = "busi" if organ == "breast" else "lung"
         label = pick_best(bench, ds)
         fam = label.split("+")[0]
-        cfg = family_config(fam, ds)
+        # the configuration the benchmark ran under this label (a tagged variant may override the family's defaults)
+        cfg = bench.get("settings", {}).get("configs", {}).get(label, {}).get(ds) or family_config(fam, ds)
         if organ == "breast":
             imgs = [r for r in rows if r["organ"] == "breast" and r["kind"] == "image"]
             groups = sorted({r["group"] for r in imgs if r["label"] == "normal"})
@@ -771,7 +826,7 @@ def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | 
             rng.shuffle(groups)
             val = groups[: max(1, round(0.15 * len(groups)))]
             data = [Source(data_dir / r["path"], r["group"], "normal" if r["label"] == "normal" else "abnormal")
-                    for r in imgs if r["label"] == "normal" or fam in SUPERVISED]
+                    for r in imgs if r["label"] == "normal" or uses_abnormal(fam, cfg)]
             every, maxf, n_est = 1, None, len([d for d in data if d.label == "normal"])
         else:
             vids = [r for r in rows if r["organ"] == "lung" and r["kind"] == "video" and r["label"] == "normal"]
@@ -781,7 +836,8 @@ def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | 
         steps = bench.get("settings", {}).get("steps", {}).get(label, STEPS.get(fam, 100))
         epochs = None if steps == 0 else max(1, math.ceil(steps / max(1, math.ceil(n_est / 16))))
         tmp = Path(tempfile.mkdtemp(prefix=f"sonomaly_{organ}_"))
-        desc = (f"Default {organ} ultrasound anomaly model: family {fam}, the best of the detector benchmark for "
+        desc = (f"Default {organ} ultrasound anomaly model: family {fam} (benchmark label {label}), the best of the "
+                f"detector benchmark for "
                 f"{'BUSI breast images' if organ == 'breast' else 'lung clips (brightness-matched)'}.")
         card = train(fam, data, tmp, size=size, epochs=epochs, seed=seed, val_groups=val, every=every,
                      max_frames_per_file=maxf, family_config=cfg, progress=progress, name=f"{organ}-default",
@@ -842,6 +898,12 @@ def _default_notes(card: ModelCard, organ: str, fam: str) -> list[str]:
     if fam == "draem":
         notes.append("The map is the probability of a synthetic-style lesion: it localises dark, well-defined masses "
                      "best; the threshold is floored at probability 0.5 (held-out normal maps rarely reach it).")
+        if float(card.family_config.get("real_p", 0) or 0) > 0:
+            notes.append("Besides synthetic lesions it learned from the lesion masks of the BUSI abnormal images it was "
+                         "given (as they are, and pasted onto normal frames): it is no longer trained on normal data "
+                         "only, so its benchmark numbers come from abnormal groups disjoint from the fitted ones, and "
+                         "lesions unlike BUSI's (other organs, other machines) are covered by the synthesis alone. The "
+                         "threshold is still chosen on held-out normal images only.")
     return notes
 
 

@@ -127,3 +127,70 @@ def test_patch_gaussian_fp16_halves_memory():
     a = build("patch_gaussian", size=[64, 64], dim=16, bands=2, widths=[8, 8, 8, 8])
     b = build("patch_gaussian", size=[64, 64], dim=16, bands=2, widths=[8, 8, 8, 8], cov_fp16=True)
     assert b.w_maha.dtype == torch.float16 and b.w_maha.nbytes * 2 == a.w_maha.nbytes
+
+
+def _lesion_mask(size=SIZE):
+    m = np.zeros((size, size), np.uint8)
+    cv2.ellipse(m, (size // 2, size * 2 // 3), (size // 7, size // 9), 0, 0, 360, 255, -1)
+    return m
+
+
+def test_real_lesion_copy_paste_moves_lesion_pixels_inside_the_scan():
+    """The real-lesion mix of the synthetic segmenter: pasted pixels come from the lesion, the target follows them,
+    nothing lands outside the scan mask, and it is deterministic for a generator."""
+    model = build("draem", size=[SIZE, SIZE], widths=[8, 16, 16, 16], real_p=1.0)
+    bank_x = torch.zeros(2, 2, SIZE, SIZE)
+    bank_x[:, 0] = -3.0  # a very dark "lesion image"
+    bank_x[:, 1] = 1.0
+    bank_m = torch.zeros(2, 1, SIZE, SIZE)
+    bank_m[:, 0] = torch.from_numpy(_lesion_mask() > 0).float()
+    bank_m[1] = 0  # an item without lesion pixels is dropped from the bank
+    model.set_lesion_bank(bank_x, bank_m)
+    assert model._bank[0].shape[0] == 1
+    x = torch.zeros(8, 2, SIZE, SIZE)
+    x[:, 0] = 1.0
+    x[:, 1, :, 4 : SIZE - 4] = 1.0
+    tgt = torch.zeros(8, 1, SIZE, SIZE)
+    a, ta = model._real_mix(x, tgt, torch.Generator().manual_seed(0))
+    b, tb = model._real_mix(x, tgt, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert torch.equal(x[:, 0], torch.ones(8, SIZE, SIZE)), "the input batch must not be modified in place"
+    for i in range(8):
+        assert ta[i].sum() > 0, "every item got a real lesion (real_p = 1)"
+        les = ta[i, 0] > 0.5
+        assert float(a[i, 0][les].mean()) < -1.0, "the target marks the dark lesion pixels"
+        if torch.equal(a[i, 1], x[i, 1]):  # pasted (not replaced): nothing outside the frame's own scan mask
+            assert (ta[i, 0] * (1 - x[i, 1])).sum() == 0
+            assert (a[i, 0] * (1 - x[i, 1])).abs().sum() == 0
+
+
+def test_draem_learns_from_real_lesion_masks(tmp_path):
+    """``real_p`` > 0: abnormal images with ``masks/<stem>_mask.png`` enter the fit as a lesion bank; the card says
+    so, the threshold is still chosen on normals only, and without masks it is a clear error."""
+    root = tmp_path / "data"
+    for sub in ("normal", "abnormal", "masks"):
+        (root / sub).mkdir(parents=True)
+    for i in range(12):
+        cv2.imwrite(str(root / "normal" / f"n_{i:02d}.png"), speckle(SIZE, i))
+    for i in range(4):
+        cv2.imwrite(str(root / "abnormal" / f"les_{i}.png"), speckle(SIZE, 50 + i, lesion=True))
+        cv2.imwrite(str(root / "masks" / f"les_{i}_mask.png"), _lesion_mask())
+    cfg = {**FAST["draem"][0], "real_p": 0.5}
+    card = train("draem", root, tmp_path / "m", size=SIZE, epochs=8, seed=0, val_fraction=0.25,
+                 region_fn=full_region, family_config=cfg, progress=False, batch_size=8)
+    roles = {d["file"]: d["role"] for d in card.training["data"]}
+    assert all(roles[f"les_{i}.png"] == "fit (real lesion + mask)" for i in range(4))
+    held = [d for d in card.training["data"] if d["role"].startswith("held-out")]
+    assert held and all(d["label"] == "normal" for d in held)
+    assert card.training["fit"]["lesions"].startswith("synthetic + real (masks of 4")
+    assert card.family_config["real_p"] == 0.5
+    eng = load(tmp_path / "m", backend="onnxruntime")
+    img = speckle(SIZE, 99, lesion=True)
+    amap = eng.infer(preprocess(img, full_region(img), card))[0][0, 0]
+    les = cv2.resize(_lesion_mask(), amap.shape[::-1], interpolation=cv2.INTER_AREA) > 127
+    assert amap[les].mean() > amap[~les].mean()
+    for p in (root / "masks").iterdir():
+        p.unlink()
+    with pytest.raises(ValueError, match="lesion mask"):
+        train("draem", root, tmp_path / "m2", size=SIZE, epochs=1, seed=0, val_fraction=0.25, region_fn=full_region,
+              family_config=cfg, progress=False, batch_size=8)

@@ -149,15 +149,37 @@ def latency_256(family: str, cfg: dict, n: int = 60) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def parse_overrides(text: str) -> dict:
+    """``"real_p=0.5,synth=breast"`` -> ``{"real_p": 0.5, "synth": "breast"}`` (numbers parsed, the rest strings)."""
+    out: dict = {}
+    for kv in filter(None, (t.strip() for t in text.split(","))):
+        k, _, v = kv.partition("=")
+        if not _:
+            raise ValueError(f"--config wants KEY=VALUE, got {kv!r}")
+        try:
+            out[k] = int(v)
+        except ValueError:
+            try:
+                out[k] = float(v)
+            except ValueError:
+                out[k] = v
+    return out
+
+
+def uses_abnormal(family: str, cfg: dict) -> bool:
+    """The classifier learns from image labels; ``draem`` with ``real_p`` > 0 from the lesion masks."""
+    return family == "classifier" or float(cfg.get("real_p", 0) or 0) > 0
+
+
 def run_one(root: Path, dataset: str, family: str, seed: int, size: int, work: Path, progress: bool,
-            steps_scale: float = 1.0) -> dict:
+            steps_scale: float = 1.0, overrides: dict | None = None) -> dict:
     from sonomaly.engines.evaluate import evaluate
     from sonomaly.engines.train import train
 
     sp = splits(root, dataset, seed)
     every, maxf = (1, None) if dataset == "busi" else (8, 60)
-    cfg = family_config(family, dataset)
-    data = sp["train"] + (sp["train_abnormal"] if family == "classifier" else [])
+    cfg = {**family_config(family, dataset), **(overrides or {})}
+    data = sp["train"] + (sp["train_abnormal"] if uses_abnormal(family, cfg) else [])
     n_fit_est = len(sp["train"]) * (1 if dataset == "busi" else 40)
     epochs = _epochs_for(family, n_fit_est, 16, steps_scale)
     if family == "student_teacher" and steps_scale < 1:
@@ -166,7 +188,7 @@ def run_one(root: Path, dataset: str, family: str, seed: int, size: int, work: P
     t0 = time.time()
     card = train(family, data, out_dir, size=size, epochs=epochs, seed=seed, val_groups=sp["val_groups"],
                  every=every, max_frames_per_file=maxf, family_config=cfg, progress=progress, threads=1,
-                 max_seconds=240)
+                 max_seconds=600)
     t_train = time.time() - t0
     test_n, test_a, masks = sp["test"]
     tdir = _link_dir(work / f"test_{dataset}_s{seed}_{family}", test_n, test_a, masks)
@@ -224,6 +246,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", default="", help="override steps per family, e.g. draem=600,classifier=400")
     p.add_argument("--tag", default="", help="suffix for the run keys / family labels (e.g. 'long'): keeps earlier "
                                             "runs of the same family when merging")
+    p.add_argument("--config", default="", help="family config overrides, e.g. real_p=0.5 (draem: learn from the "
+                                               "training abnormals' lesion masks too); use with --tag")
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale the training steps (smoke runs: 0.05)")
     p.add_argument("--merge", action="store_true", help="merge into an existing --json instead of replacing it")
     p.add_argument("--no-latency", action="store_true")
@@ -244,6 +268,7 @@ def run(args) -> int:
     fams = [f for f in args.families.split(",") if f]
     dsets = [d for d in args.datasets.split(",") if d]
     seeds = [int(s) for s in args.seeds.split(",")]
+    overrides = parse_overrides(args.config)
     out_path = Path(args.json)
     results = json.loads(out_path.read_text()) if args.merge and out_path.exists() else {"runs": {}, "latency": {}}
     work = Path(tempfile.mkdtemp(prefix="sonomaly_bench_"))
@@ -256,7 +281,7 @@ def run(args) -> int:
                     t0 = time.time()
                     try:
                         results["runs"][key] = run_one(root, ds, fam, seed, args.size, work, not args.quiet,
-                                                          args.steps_scale)
+                                                          args.steps_scale, overrides)
                     except Exception as e:  # keep going; the failure is recorded
                         results["runs"][key] = {"error": f"{type(e).__name__}: {e}"}
                     r = results["runs"][key]
@@ -269,11 +294,30 @@ def run(args) -> int:
         if not args.no_latency:
             for fam in fams:
                 label = f"{fam}+{args.tag}" if args.tag else fam
-                results["latency"][label] = latency_256(fam, family_config(fam, "lung"))
+                results["latency"][label] = latency_256(fam, {**family_config(fam, "lung"), **overrides})
                 print(f"[bench] latency {label}: {results['latency'][label]}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    # summary over every dataset/variant/family present
+    results["summary"] = summarise(results)
+    results["machine"] = {"nproc": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "note": "2 cores; heavy runs serialised with flock"}
+    prev = results.get("settings", {})
+    results["settings"] = {**prev, "size": args.size, "seeds": seeds,
+                           "configs": {**prev.get("configs", {}),
+                                       **{(f"{f}+{args.tag}" if args.tag else f):
+                                          {d: {**family_config(f, d), **overrides} for d in ("busi", "lung")}
+                                          for f in fams}}}
+    results["settings"].setdefault("steps", {})
+    results["settings"]["steps"] = {**results["settings"]["steps"],
+                                    **{(f"{f}+{args.tag}" if args.tag else f): STEPS[f] for f in fams}}
+    out_path.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
+    return 0
+
+
+def summarise(results: dict) -> dict:
+    """Mean ± sd per dataset / variant / family label over every run in ``results["runs"]``."""
     summ = {}
     base = lambda f: f.split("+")[0]
     all_fams = sorted({k.split("/")[1] for k in results["runs"]},
@@ -286,20 +330,7 @@ def run(args) -> int:
                 if runs:
                     summ[f"{ds}/{variant}/{fam}"] = {"dataset": ds, "variant": variant, "dataset_label": label,
                                                      "family": fam, "seeds": len(runs), "agg": aggregate(runs, variant)}
-    results["summary"] = summ
-    results["machine"] = {"nproc": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
-                          "python": platform.python_version(), "torch": torch.__version__,
-                          "note": "2 cores shared with other jobs; heavy runs serialised with flock"}
-    prev = results.get("settings", {})
-    results["settings"] = {**prev, "size": args.size, "seeds": seeds,
-                           "configs": {**prev.get("configs", {}),
-                                       **{f: {d: family_config(f, d) for d in ("busi", "lung")} for f in fams}}}
-    results["settings"].setdefault("steps", {})
-    results["settings"]["steps"] = {**results["settings"]["steps"],
-                                    **{(f"{f}+{args.tag}" if args.tag else f): STEPS[f] for f in fams}}
-    out_path.write_text(json.dumps(results, indent=1) + "\n")
-    print(table(results))
-    return 0
+    return summ
 
 
 def _cpu_model() -> str:

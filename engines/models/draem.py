@@ -7,6 +7,12 @@ Anomaly map (in-graph): the sigmoid probability at 1/4 resolution inside the sca
 cells inside the eroded mask.  Because the map is a probability, the pixel threshold chosen on held-out normals is
 floored at ``prob_floor`` (0.5: "more likely lesion than not" by the model's own objective; no abnormal data used).
 Input ``[1,2,H,W]``.
+
+Real lesions (optional, ``real_p`` > 0 and a bank set by :meth:`SyntheticSegmenter.set_lesion_bank`): where the user
+has abnormal images *with lesion masks*, a share ``real_p`` of the batch items also learns from them — half of those
+items are the real abnormal images with their masks as the target, the other half normal frames with a real lesion
+(its pixels, soft-edged) pasted at a random place inside the scan (copy-paste, as in NSA / CutPaste but with real
+lesions).  The threshold is still chosen on held-out normal frames only.
 """
 from __future__ import annotations
 
@@ -29,12 +35,14 @@ class SyntheticSegmenter(nn.Module):
     prob_floor = 0.5
 
     def __init__(self, size=(256, 256), in_channels: int = 2, widths=(16, 32, 48, 64), synth: str = "all",
-                 topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5):
+                 topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5,
+                 real_p: float = 0.0):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.in_channels, self.widths, self.synth = int(in_channels), tuple(int(w) for w in widths), synth
         self.topk_frac, self.score_erode, self.seed, self.lr = float(topk_frac), int(score_erode), int(seed), float(lr)
-        self.p_anomaly = float(p_anomaly)
+        self.p_anomaly, self.real_p = float(p_anomaly), float(real_p)
+        self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.factor = 4
         self.map_hw = (self.size[0] // 4, self.size[1] // 4)
         self.k = max(1, int(round(self.topk_frac * self.map_hw[0] * self.map_hw[1])))
@@ -51,7 +59,48 @@ class SyntheticSegmenter(nn.Module):
     def config(self) -> dict:
         return dict(size=list(self.size), in_channels=self.in_channels, widths=list(self.widths), synth=self.synth,
                     topk_frac=self.topk_frac, score_erode=self.score_erode, seed=self.seed, lr=self.lr,
-                    p_anomaly=self.p_anomaly)
+                    p_anomaly=self.p_anomaly, real_p=self.real_p)
+
+    def set_lesion_bank(self, x: torch.Tensor, masks: torch.Tensor) -> None:
+        """Real abnormal inputs ``[M,C,H,W]`` (preprocessed like the normal frames) and their lesion masks ``[M,1,H,W]``
+        (0/1 at input resolution), used in :meth:`fit` when ``real_p`` > 0.  Items without lesion pixels are dropped."""
+        keep = masks.flatten(1).amax(1) > 0.5
+        if x.shape[0] != masks.shape[0] or x.shape[-2:] != masks.shape[-2:]:
+            raise ValueError(f"lesion bank: {tuple(x.shape)} inputs vs {tuple(masks.shape)} masks")
+        self._bank = (x[keep].float(), (masks[keep] > 0.5).float()) if bool(keep.any()) else None
+
+    def _real_mix(self, xs: torch.Tensor, tgt: torch.Tensor, g: torch.Generator):
+        """Replace a share ``real_p`` of the items by a real lesion: the abnormal image itself, or its lesion pasted."""
+        bank_x, bank_m = self._bank
+        xs, tgt = xs.clone(), tgt.clone()
+        n, _, h, w = xs.shape
+        for i in range(n):
+            if float(torch.rand((), generator=g)) >= self.real_p:
+                continue
+            j = int(torch.randint(0, bank_x.shape[0], (1,), generator=g))
+            src, les = bank_x[j], bank_m[j, 0]
+            if float(torch.rand((), generator=g)) < 0.5:
+                src, les = src.flip(-1), les.flip(-1)
+            if float(torch.rand((), generator=g)) < 0.5:  # the real abnormal image, as it is
+                xs[i], tgt[i, 0] = src, les
+                continue
+            # copy-paste: the lesion's pixels (and a soft rim) moved to a random point inside this frame's scan
+            ys, xs_ = torch.nonzero(les > 0.5, as_tuple=True)
+            m_i = xs[i, 1] if xs.shape[1] >= 2 else (xs[i, 0] != 0).float()
+            ty, tx = torch.nonzero(m_i > 0.5, as_tuple=True)
+            if len(ys) < 4 or len(ty) < 16:
+                continue
+            k = int(torch.randint(0, len(ty), (1,), generator=g))
+            dy = int(ty[k]) - int(ys.float().mean())
+            dx = int(tx[k]) - int(xs_.float().mean())
+            dy = max(-int(ys.min()), min(h - 1 - int(ys.max()), dy))  # keep the lesion inside the frame
+            dx = max(-int(xs_.min()), min(w - 1 - int(xs_.max()), dx))
+            alpha = F.avg_pool2d(F.max_pool2d(les[None, None], 5, 1, 2), 5, 1, 2, count_include_pad=False)[0, 0]
+            alpha = torch.roll(alpha, (dy, dx), (0, 1)) * m_i
+            moved = torch.roll(src[0], (dy, dx), (0, 1))
+            xs[i, 0] = (xs[i, 0] * (1 - alpha) + moved * alpha) * m_i
+            tgt[i, 0] = torch.maximum(tgt[i, 0], torch.roll(les, (dy, dx), (0, 1)) * m_i)
+        return xs, tgt
 
     def logits(self, img):
         a = self.e0(img)
@@ -77,6 +126,8 @@ class SyntheticSegmenter(nn.Module):
         def step(x, y, i):
             x = flip_aug(x, g)
             xs, tgt = synthesize(x, g, self.synth, p=self.p_anomaly)
+            if self._bank is not None and self.real_p > 0:
+                xs, tgt = self._real_mix(xs, tgt, g)
             img, m = split_input(xs)
             mm = mask_at(m, self.factor)
             t = F.avg_pool2d(tgt, self.factor)
@@ -92,4 +143,6 @@ class SyntheticSegmenter(nn.Module):
 
         info = run_steps(self, batches, epochs, step, progress=progress, max_seconds=max_seconds, label="draem")
         self.eval()
+        info["lesions"] = ("synthetic + real (masks of %d abnormal images, p=%g)" % (self._bank[0].shape[0], self.real_p)
+                           if self._bank is not None and self.real_p > 0 else "synthetic only")
         return info
