@@ -93,11 +93,24 @@ class OutputHub:
         self.slot: LatestSlot[OutputFrame] = LatestSlot()
         self._lock = threading.Lock()
         self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._listeners: list = []
+
+    def add_listener(self, fn) -> None:
+        """``fn(out)`` is called in the composer's thread for every published frame: it must be O(1) and never block
+        (e.g. a bounded deque's append)."""
+        with self._lock:
+            self._listeners.append(fn)
 
     def publish(self, out: OutputFrame) -> None:
         self.slot.put(out)
         with self._lock:
             waiters = list(self._async_waiters)
+            listeners = list(self._listeners)
+        for fn in listeners:
+            try:
+                fn(out)
+            except Exception:  # noqa: BLE001 - a listener must never stop the composer
+                pass
         for loop, event in waiters:
             try:
                 loop.call_soon_threadsafe(event.set)

@@ -99,6 +99,9 @@ class Recorder:
         self.events = events or EventConfig()
         self.fps = nominal_fps
         self.ring: deque = deque(maxlen=max(2, int(ring_s * nominal_fps)))
+        # every composed frame enters the ring as it is published (an O(1) append in the composer's thread), so the
+        # ring never lags behind the hub, even while this recorder's thread is busy encoding a clip
+        self.hub.add_listener(self.ring.append)
         self._lock = threading.Lock()
         self._manual: Mp4Writer | None = None
         self._manual_kind = "overlay"
@@ -182,8 +185,6 @@ class Recorder:
             seq, out = self.hub.slot.get_newer(seq, timeout=0.2, take=False)
             if out is None or self._stop.is_set():
                 continue
-            if not self.ring or self.ring[-1].seq != out.seq:
-                self.ring.append(out)
             with self._lock:
                 try:
                     if self._manual is not None:
