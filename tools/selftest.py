@@ -105,7 +105,8 @@ def report(results: list[Any], machine: dict[str, Any], wall_s: float) -> str:
         "`tests/test_privacy.py`, which assert on the same checks.",
         "",
         "Rules every fault is held to: the video keeps flowing (no output gap over 200 ms, except the NO SIGNAL "
-        "detection window of 500 ms while the source is gone; gaps are measured on the pipeline's own output clock, "
+        "detection window while the source is gone (the pipeline's `no_signal_after_ms`, 200 ms, or 2.5 frame "
+        "intervals of a slow source, after the source's own read fails or times out); gaps are measured on the pipeline's own output clock, "
         "net of CPU starvation that the machine imposed at the same moment); state and banners are right (AI state in "
         "the metadata, the banner read back from the pixels, signal and source state); recovery is automatic; nothing "
         "leaks (fds, threads, peer connections; RSS growth under 5 % after the connect/disconnect cycles).",
