@@ -182,8 +182,26 @@ def test_drift_compares_the_first_and_last_full_windows():
 
     flat = run(lambda t: 40.0)
     assert [x["length_s"] for x in flat["windows"]] == [10.0, 10.0, 5.0]
-    assert flat["drift"] == {"first_window_p99": 40.0, "last_window_p99": 40.0, "last_over_first": 1.0,
-                             "within_10_pct": True}
+    d = flat["drift"]
+    assert {k: d[k] for k in ("first_window_p99", "last_window_p99", "last_over_first", "within_10_pct")} == {
+        "first_window_p99": 40.0, "last_window_p99": 40.0, "last_over_first": 1.0, "within_10_pct": True}
+    assert d["p99_slope_ms_per_min"] == 0.0 and d["p99_min"] == d["p99_max"] == 40.0
     growing = run(lambda t: 40.0 + 2.0 * t)  # 2 ms more every second: a queue that never drains
     d = growing["drift"]
     assert d["last_over_first"] > 1.3 and d["within_10_pct"] is False
+    assert 100 < d["p99_slope_ms_per_min"] < 140  # ~2 ms/s between the two full windows' p99
+
+
+def test_drift_trend_separates_a_wander_from_a_growing_queue():
+    from sonomaly.tools.latency import drift_summary
+
+    def windows(p99s):
+        return [{"t_s": 60.0 * i, "length_s": 60.0, "p99": v, "server_total_p50": 6.0} for i, v in enumerate(p99s)]
+
+    # a sawtooth (two clocks drifting against each other): no trend, yet last vs first is 20 % off
+    saw = drift_summary(windows([51, 49, 62, 60, 58, 56, 53, 51, 49, 61.5]), 60.0)
+    assert saw["within_10_pct"] is False and abs(saw["p99_slope_ms_per_min"]) < 0.6
+    assert saw["p99_min"] == 49 and saw["p99_max"] == 62 and saw["server_p50_range_ms"] == [6.0, 6.0]
+    queue = drift_summary(windows([50 + 3 * i for i in range(10)]), 60.0)
+    assert queue["p99_slope_ms_per_min"] == 3.0
+    assert drift_summary(windows([50]), 60.0) is None and drift_summary(windows([50, 51]), 5.0) is None

@@ -930,14 +930,32 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
             k += 1
     result["window_s"] = ws
     result["windows"] = windows
-    full = [w for w in windows if w["length_s"] >= 0.99 * ws]
-    if len(full) >= 2 and ws >= 10:  # drift over seconds-long windows would only be noise
-        a, b = full[0]["p99"], full[-1]["p99"]
-        result["drift"] = {"first_window_p99": a, "last_window_p99": b,
-                           "last_over_first": round(b / a, 4) if a else None,
-                           "within_10_pct": bool(a) and abs(b - a) <= 0.10 * a}
+    drift = drift_summary(windows, ws)
+    if drift is not None:
+        result["drift"] = drift
     result["_timeline"] = timeline  # for plots; dropped from the JSON unless --samples
     return result
+
+
+def drift_summary(windows: list[dict[str, Any]], ws: float) -> dict[str, Any] | None:
+    """Drift over the full windows of a long run: the issue's criterion (last window's p99 against the first's) and,
+    since two points of a periodic wander can fall anywhere on it, the trend too: the least-squares slope of the
+    per-window p99 (ms per minute), its range, and the range of the server's own per-window median. ``None`` for
+    fewer than two full windows or windows shorter than 10 s (that would only be noise)."""
+    full = [w for w in windows if w["length_s"] >= 0.99 * ws]
+    if len(full) < 2 or ws < 10:
+        return None
+    a, b = full[0]["p99"], full[-1]["p99"]
+    t = np.array([w["t_s"] for w in full], float) / 60.0
+    p = np.array([w["p99"] for w in full], float)
+    slope = float(np.polyfit(t, p, 1)[0]) if len(full) >= 3 else (p[-1] - p[0]) / max(t[-1] - t[0], 1e-9)
+    server = [w["server_total_p50"] for w in full if w.get("server_total_p50") is not None]
+    return {"first_window_p99": a, "last_window_p99": b,
+            "last_over_first": round(b / a, 4) if a else None,
+            "within_10_pct": bool(a) and abs(b - a) <= 0.10 * a,
+            "p99_slope_ms_per_min": round(slope, 3),
+            "p99_min": round(float(p.min()), 3), "p99_max": round(float(p.max()), 3),
+            "server_p50_range_ms": [round(min(server), 3), round(max(server), 3)] if server else None}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1118,7 +1136,11 @@ def markdown(report: dict) -> str:
             d = r["drift"]
             out.append(f"\nDrift ({_name(r)}, {r['viewers']} viewer(s)): first {r['window_s']:g}-s window p99 "
                        f"{d['first_window_p99']:.1f} ms, last {d['last_window_p99']:.1f} ms "
-                       f"(× {d['last_over_first']}, within 10 %: {'yes' if d['within_10_pct'] else 'no'}).")
+                       f"(× {d['last_over_first']}, within 10 %: {'yes' if d['within_10_pct'] else 'no'})"
+                       + (f"; trend of the per-window p99 {d['p99_slope_ms_per_min']:+.2f} ms/min, range "
+                          f"{d['p99_min']:.1f}–{d['p99_max']:.1f} ms" if "p99_slope_ms_per_min" in d else "")
+                       + (f"; server's per-window median {d['server_p50_range_ms'][0]:.1f}–"
+                          f"{d['server_p50_range_ms'][1]:.1f} ms" if d.get("server_p50_range_ms") else "") + ".")
     return "\n".join(out) + "\n"
 
 
