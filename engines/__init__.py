@@ -18,9 +18,12 @@ import numpy as np
 from .backends import BackendUnavailable
 from .card import CardError, ModelCard
 
-__all__ = ["load", "Engine", "BackendUnavailable", "ModelCard", "CardError", "BACKENDS", "PRECISIONS"]
+__all__ = ["load", "Engine", "BackendUnavailable", "ModelCard", "CardError", "BACKENDS", "PRECISIONS", "LIVE_OPTIONS"]
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+# CPU options of a live stream (``sonomaly serve`` and model switches through the control API): one inference thread
+# that sleeps between frames, not ORT's spin-waiting pool (docs/ENGINES.md, "Live serving")
+LIVE_OPTIONS = {"threads": 1, "spin": False}
 PRECISIONS = ("fp32", "fp16", "int8")
 # options each backend understands (``auto`` passes only these on, so a TensorRT option never breaks the fallback)
 BACKEND_OPTIONS = {

@@ -46,6 +46,12 @@ FAMILY_EPOCHS: dict[str, int] = {"patch_gaussian": 1, "conv_ae": 10, "ae": 10, "
 SUPERVISED = {"classifier"}
 # families that can use lesion masks of real abnormal images (``masks/<stem>_mask*.png``) when asked to (``real_p`` > 0)
 MASK_SUPERVISED = {"draem"}
+
+
+def uses_abnormal(family: str, cfg: dict) -> bool:
+    """Whether ``family`` with config ``cfg`` learns from abnormal data: the classifier from image labels, the
+    segmenter (``draem``) from lesion masks when ``real_p`` > 0."""
+    return family in SUPERVISED or (family in MASK_SUPERVISED and float(cfg.get("real_p", 0) or 0) > 0)
 # wall-clock cap per default training (the issue's budget: <= 15 min per default model on 2 CPU cores)
 MAX_TRAIN_SECONDS = 14 * 60
 
@@ -350,7 +356,7 @@ def train(
     if not normals:
         raise ValueError("no normal images/clips in the data (thresholds are chosen on held-out normal data only)")
     use_abn = family in SUPERVISED and bool(abnormals)
-    use_masks = family in MASK_SUPERVISED and float(cfg.get("real_p", 0.0)) > 0 and bool(abnormals)
+    use_masks = family in MASK_SUPERVISED and uses_abnormal(family, cfg) and bool(abnormals)
     if abnormals and not (use_abn or use_masks):
         _progress(f"[train] {family} trains on normal data only: ignoring {len(abnormals)} abnormal file(s)", progress)
     todo = normals + (abnormals if use_abn or use_masks else [])
@@ -807,8 +813,6 @@ def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | 
     repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
     bench = json.loads(Path(bench_json).read_text())
     from sonomaly.tools.bench_detectors import STEPS, family_config
-
-    from sonomaly.tools.bench_detectors import uses_abnormal
 
     rows = read_manifest(data_dir)
     size = size or 256

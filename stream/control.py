@@ -159,8 +159,9 @@ def router(state: ControlState, guard) -> APIRouter:
             raise HTTPException(409, "a model switch is already in progress")
         async with state._switch_lock:
             state.switching = {"model": str(path), "backend": choice.backend}
-            # a live stream: ONNX Runtime's idle threads must not spin (they would starve the grabber and encoder)
-            opts = {"threads": 1 if choice.threads is None else choice.threads, "spin": False}
+            from sonomaly.engines import LIVE_OPTIONS
+
+            opts = {**LIVE_OPTIONS, **({} if choice.threads is None else {"threads": choice.threads})}
             loop = asyncio.get_running_loop()
             try:
                 # load (and warm up) in a thread: the event loop keeps serving viewers, the pipeline keeps composing

@@ -26,7 +26,7 @@ LOCAL_ID = 6
 MAX_MS = 40950
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"enabled": False, "value": None, "min_ms": None, "max_ms": None}
+_state: dict[str, object] = {"enabled": False, "value": None}  # value: the 3 bytes sent, None when not sending
 
 
 def encode(min_ms: int, max_ms: int) -> bytes:
@@ -72,7 +72,7 @@ def enable(min_ms: int = 0, max_ms: int = 0) -> None:
 
     value = encode(min_ms, max_ms)
     with _lock:
-        _state.update(value=value, min_ms=int(min_ms), max_ms=int(max_ms))
+        _state["value"] = value
         if _state["enabled"]:
             return
         video = codecs.HEADER_EXTENSIONS["video"]
@@ -102,9 +102,10 @@ def enable(min_ms: int = 0, max_ms: int = 0) -> None:
 def disable() -> None:
     """Stop writing the extension (it stays negotiable; receivers keep their default smoothing)."""
     with _lock:
-        _state.update(value=None, min_ms=None, max_ms=None)
+        _state["value"] = None
 
 
 def status() -> dict[str, object]:
     """For /health: whether the extension is sent, and its bounds."""
-    return {"playout_delay_ms": None if _state["value"] is None else [_state["min_ms"], _state["max_ms"]]}
+    value = _state["value"]
+    return {"playout_delay_ms": None if value is None else list(decode(value))}

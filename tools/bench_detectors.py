@@ -166,15 +166,10 @@ def parse_overrides(text: str) -> dict:
     return out
 
 
-def uses_abnormal(family: str, cfg: dict) -> bool:
-    """The classifier learns from image labels; ``draem`` with ``real_p`` > 0 from the lesion masks."""
-    return family == "classifier" or float(cfg.get("real_p", 0) or 0) > 0
-
-
 def run_one(root: Path, dataset: str, family: str, seed: int, size: int, work: Path, progress: bool,
             steps_scale: float = 1.0, overrides: dict | None = None) -> dict:
     from sonomaly.engines.evaluate import evaluate
-    from sonomaly.engines.train import train
+    from sonomaly.engines.train import train, uses_abnormal
 
     sp = splits(root, dataset, seed)
     every, maxf = (1, None) if dataset == "busi" else (8, 60)

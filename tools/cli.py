@@ -28,8 +28,6 @@ BENCHES: dict[str, str] = {
     "viewers": "sonomaly.tools.bench_viewers",
     "pipeline": "sonomaly.tools.bench_pipeline",
 }
-# inference threads of a live stream (ONNX Runtime / torch on the CPU); see docs/ENGINES.md "Live serving"
-LIVE_THREADS = 1
 LIVE_PREFIXES = ("device:", "/dev/video", "rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
@@ -39,7 +37,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch", "tensorrt"],
                    help="inference backend (auto: TensorRT when a GPU and TensorRT are present, else ONNX Runtime)")
     p.add_argument("--threads", type=int, default=None,
-                   help=f"CPU threads for inference (default {LIVE_THREADS}: on a small shared CPU one thread that "
+                   help="CPU threads for inference (default 1: on a small shared CPU one thread that "
                         "never spins gives the same time per frame as two, at less than half the CPU)")
     p.add_argument("--ort-spin", action="store_true",
                    help="let ONNX Runtime's idle intra-op threads busy-wait between frames (off by default: the "
@@ -145,7 +143,9 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     log = logging.getLogger("sonomaly")
     engine = None
     if model_dir:
-        opts = {"spin": bool(args.ort_spin), "threads": args.threads if args.threads is not None else LIVE_THREADS}
+        opts = {**engines.LIVE_OPTIONS, "spin": bool(args.ort_spin)}
+        if args.threads is not None:
+            opts["threads"] = args.threads
         engine = engines.load(model_dir, backend=args.backend, **opts)
         log.info("model %s on %s (%s)", engine.card.name, engine.backend, engine.backend_reason or "as asked")
     # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended

@@ -660,6 +660,29 @@ async def _aiortc_viewer(url: str, v: ViewerData, codec: str | None, stop: async
         await pc.close()
 
 
+def run_child(main, conn) -> bool:
+    """Run the coroutine function ``main`` in a viewer process of its own: ``True`` when it ended normally; an
+    exception is sent to the parent as ``("error", text)``."""
+    try:
+        asyncio.run(main())
+        return True
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except OSError:  # the parent is gone
+            pass
+        return False
+
+
+def reap(procs, timeout: float = 10.0) -> None:
+    """Join viewer processes, terminating any that do not end within ``timeout``."""
+    for proc in procs:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+
+
 def _aiortc_process(url: str, codec: str | None, conn, connect_timeout: float) -> None:
     """One aiortc viewer in a process of its own: says "ready" at its first decodable frame, collects until told
     "stop", then sends back what it saw."""
@@ -680,12 +703,8 @@ def _aiortc_process(url: str, codec: str | None, conn, connect_timeout: float) -
             stop.set()
             await asyncio.gather(task, return_exceptions=True)
 
-    try:
-        asyncio.run(main())
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-        return
-    conn.send(("data", v.samples, v.unreadable, v.damaged))
+    if run_child(main, conn):
+        conn.send(("data", v.samples, v.unreadable, v.damaged))
 
 
 def collect_aiortc(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
@@ -731,11 +750,7 @@ def collect_aiortc(url: str, n: int, seconds: float, warmup: float, window: Wind
             viewers.append(v)
         return viewers
     finally:
-        for proc, conn in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+        reap([proc for proc, _ in procs])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from sonomaly.stream import stamp
-from sonomaly.tools.latency import ServerProcess, ViewerData, _aiortc_viewer, get_json, machine_info, stamped
+from sonomaly.tools.latency import (ServerProcess, ViewerData, _aiortc_viewer, get_json, machine_info, reap, run_child,
+                                    stamped)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
@@ -109,7 +110,7 @@ async def soak(args) -> dict[str, Any]:
         for _, conn in viewers:
             msg = await ask(conn, None, 90.0)
             if msg != "ready":
-                raise RuntimeError(f"soak viewer failed: {msg}")
+                raise RuntimeError(f"soak viewer failed: {msg[1] if isinstance(msg, tuple) else msg}")
         t0 = time.monotonic()
         t_end = t0 + args.minutes * 60
         prev_health = await loop.run_in_executor(None, get_json, server.url + "/health", 5.0)
@@ -131,7 +132,10 @@ async def soak(args) -> dict[str, Any]:
             fps_v = []
             unmatched = 0
             for i, (_, conn) in enumerate(viewers):
-                _, taken, reconnects[i], errs = await ask(conn, "take")
+                msg = await ask(conn, "take")
+                if msg[0] != "samples":
+                    raise RuntimeError(f"soak viewer {i} failed: {msg[1]}")
+                _, taken, reconnects[i], errs = msg
                 errors.extend(errs)
                 taken, pending[i] = pending[i] + taken, []
                 seen = set()
@@ -189,11 +193,7 @@ async def soak(args) -> dict[str, Any]:
                 conn.send("stop")
             except OSError:
                 pass
-        for proc, _ in viewers:
-            proc.join(15)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
+        reap([proc for proc, _ in viewers], 15.0)
         server_out = server.output()
         server.stop()
     return {"config": _config(args, uri), "machine": info, "samples": samples, "errors": errors,
@@ -204,7 +204,7 @@ async def soak(args) -> dict[str, Any]:
 def _viewer_process(url: str, index: int, conn, t_start: float) -> None:
     """One soak viewer in a process of its own. Like the viewer page, a session that ends (no frame for 5 s, ICE
     failure) is counted and started again. Answers "take" with ``("samples", [(code, t_ns)], reconnects, errors)``
-    (what it decoded since the last "take") and ends at "stop"."""
+    (what it decoded since the last "take") and ends at "stop"; a failure reaches the parent as ``("error", text)``."""
     import logging
 
     for name in ("aioice", "aiortc"):
@@ -247,13 +247,7 @@ def _viewer_process(url: str, index: int, conn, t_start: float) -> None:
             stop.set()
             await asyncio.gather(task, return_exceptions=True)
 
-    try:
-        asyncio.run(main())
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        try:
-            conn.send(f"{type(exc).__name__}: {exc}")
-        except OSError:
-            pass
+    run_child(main, conn)
 
 
 def _config(args, uri: str) -> dict[str, Any]:
