@@ -1,6 +1,8 @@
 """Pieces shared by the detector families (all plain ops that export to ONNX opset 17 and run in ORT)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +59,57 @@ def flip_aug(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         x = x.clone()
         x[flip] = x[flip].flip(-1)
     return x
+
+
+def photo_aug(x: torch.Tensor, g: torch.Generator, extra: torch.Tensor | None = None, *, p: float = 0.8,
+              gamma: tuple[float, float] = (0.6, 1.6), zoom: tuple[float, float] = (0.85, 1.2),
+              shift: float = 0.06, clip: float = 4.0):
+    """Acquisition-like augmentation of preprocessed inputs ``[N,C,H,W]`` (channel 0 z-scored inside the mask of
+    channel 1): with probability ``p`` per item, a random gamma of the in-mask intensities (re-z-scored, as
+    :func:`..processing.preprocess` would have done: a scanner's gain / dynamic-range setting), and a random zoom and
+    shift (depth / field-of-view setting).  ``extra`` ``[N,k,H,W]`` (e.g. lesion masks) gets the same geometry.
+    Returns ``(x, extra)``; items not drawn are unchanged."""
+    n, c, h, w = x.shape
+    pick = torch.rand(n, generator=g) < p
+    if not bool(pick.any()):
+        return x, extra
+    x = x.clone()
+    extra = None if extra is None else extra.clone()
+    idx = torch.nonzero(pick, as_tuple=True)[0]
+    xi = x[idx]
+    # zoom + shift (one affine per item): bilinear for the image, nearest for masks
+    s = zoom[0] + (zoom[1] - zoom[0]) * torch.rand(len(idx), generator=g)
+    t = (2 * torch.rand(len(idx), 2, generator=g) - 1) * shift
+    theta = torch.zeros(len(idx), 2, 3)
+    theta[:, 0, 0] = 1.0 / s
+    theta[:, 1, 1] = 1.0 / s
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta, list(xi.shape), align_corners=False)
+    im = F.grid_sample(xi[:, :1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    mk = F.grid_sample(xi[:, 1:], grid, mode="nearest", padding_mode="zeros", align_corners=False) if c > 1 else None
+    if mk is not None:
+        im = im * (mk[:, :1] > 0.5)
+        xi = torch.cat([im, mk], 1)
+    else:
+        xi = im
+    img, m = split_input(xi)
+    inside = m > 0.5
+    # gamma on [0, 1]-scaled in-mask values, then z-score inside the mask again
+    lo = torch.where(inside, img, torch.full_like(img, float("inf"))).flatten(1).amin(1).view(-1, 1, 1, 1)
+    hi = torch.where(inside, img, torch.full_like(img, float("-inf"))).flatten(1).amax(1).view(-1, 1, 1, 1)
+    u = ((img - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1)
+    lg0, lg1 = math.log(gamma[0]), math.log(gamma[1])
+    gam = torch.exp(lg0 + (lg1 - lg0) * torch.rand(len(idx), generator=g))
+    u = u ** gam.view(-1, 1, 1, 1)
+    cnt = inside.flatten(1).sum(1).clamp(min=1).view(-1, 1, 1, 1)
+    mean = (u * inside).flatten(1).sum(1).view(-1, 1, 1, 1) / cnt
+    var = (((u - mean) ** 2) * inside).flatten(1).sum(1).view(-1, 1, 1, 1) / cnt
+    z = torch.nan_to_num(((u - mean) / var.sqrt().clamp(min=1e-3)).clamp(-clip, clip)) * inside  # no-mask items: 0
+    xi = torch.cat([z, xi[:, 1:]], 1)
+    x[idx] = xi
+    if extra is not None:
+        extra[idx] = F.grid_sample(extra[idx], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return x, extra
 
 
 def unpack(item):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import erode, flip_aug, mask_at, run_steps, split_input, topk_score
+from .common import erode, flip_aug, mask_at, photo_aug, run_steps, split_input, topk_score
 from .synth import synthesize
 
 FAMILY = "draem"
@@ -36,30 +36,37 @@ class SyntheticSegmenter(nn.Module):
 
     def __init__(self, size=(256, 256), in_channels: int = 2, widths=(16, 32, 48, 64), synth: str = "all",
                  topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5,
-                 real_p: float = 0.0):
+                 real_p: float = 0.0, aug: str = "flip", members: int = 1, tta_flip: bool = False):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.in_channels, self.widths, self.synth = int(in_channels), tuple(int(w) for w in widths), synth
         self.topk_frac, self.score_erode, self.seed, self.lr = float(topk_frac), int(score_erode), int(seed), float(lr)
         self.p_anomaly, self.real_p = float(p_anomaly), float(real_p)
+        if aug not in ("flip", "photo"):
+            raise ValueError(f"draem: aug must be 'flip' or 'photo', got {aug!r}")
+        self.aug = aug
+        if int(members) < 1:
+            raise ValueError(f"draem: members must be >= 1, got {members}")
+        self.members, self.tta_flip = int(members), bool(tta_flip)
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.factor = 4
         self.map_hw = (self.size[0] // 4, self.size[1] // 4)
         self.k = max(1, int(round(self.topk_frac * self.map_hw[0] * self.map_hw[1])))
         torch.manual_seed(self.seed)
-        w0, w1, w2, w3 = self.widths
-        self.e0 = nn.Sequential(_cbr(1, w0, 2), _cbr(w0, w0))          # 1/2
-        self.e1 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))         # 1/4
-        self.e2 = nn.Sequential(_cbr(w1, w2, 2), _cbr(w2, w2))         # 1/8
-        self.e3 = nn.Sequential(_cbr(w2, w3, 2), _cbr(w3, w3))         # 1/16
-        self.d2 = _cbr(w3 + w2, w2)
-        self.d1 = _cbr(w2 + w1, w1)
-        self.head = nn.Conv2d(w1, 1, 1)
+        _unet_layers(self, self.widths)
+        # further ensemble members: the same U-Net, each from its own initialisation (member 0 is this module's own
+        # layers, so a one-member model keeps the state-dict keys it always had)
+        more = []
+        for i in range(1, self.members):
+            torch.manual_seed(self.seed + 1000 * i)
+            more.append(_UNet(self.widths))
+        self.more = nn.ModuleList(more)
 
     def config(self) -> dict:
         return dict(size=list(self.size), in_channels=self.in_channels, widths=list(self.widths), synth=self.synth,
                     topk_frac=self.topk_frac, score_erode=self.score_erode, seed=self.seed, lr=self.lr,
-                    p_anomaly=self.p_anomaly, real_p=self.real_p)
+                    p_anomaly=self.p_anomaly, real_p=self.real_p, aug=self.aug, members=self.members,
+                    tta_flip=self.tta_flip)
 
     def set_lesion_bank(self, x: torch.Tensor, masks: torch.Tensor) -> None:
         """Real abnormal inputs ``[M,C,H,W]`` (preprocessed like the normal frames) and their lesion masks ``[M,1,H,W]``
@@ -81,6 +88,9 @@ class SyntheticSegmenter(nn.Module):
             src, les = bank_x[j], bank_m[j, 0]
             if float(torch.rand((), generator=g)) < 0.5:
                 src, les = src.flip(-1), les.flip(-1)
+            if self.aug == "photo":
+                a, b = photo_aug(src[None], g, les[None, None])
+                src, les = a[0], b[0, 0]
             if float(torch.rand((), generator=g)) < 0.5:  # the real abnormal image, as it is
                 xs[i], tgt[i, 0] = src, les
                 continue
@@ -103,35 +113,65 @@ class SyntheticSegmenter(nn.Module):
         return xs, tgt
 
     def logits(self, img):
-        a = self.e0(img)
-        b = self.e1(a)
-        c = self.e2(b)
-        d = self.e3(c)
-        c = self.d2(torch.cat([F.interpolate(d, scale_factor=2.0, mode="nearest"), c], 1))
-        b = self.d1(torch.cat([F.interpolate(c, scale_factor=2.0, mode="nearest"), b], 1))
-        return self.head(b)  # 1/4 resolution
+        """Member 0's logits at 1/4 resolution."""
+        return _unet_logits(self, img)
+
+    def member(self, i: int) -> nn.Module:
+        return self if i == 0 else self.more[i - 1]
+
+    def probability(self, img):
+        """The map: the members' sigmoid probabilities averaged (and over a left-right flip with ``tta_flip``)."""
+        views = [img, img.flip(-1)] if self.tta_flip else [img]
+        acc = None
+        for i in range(self.members):
+            for j, v in enumerate(views):
+                p = torch.sigmoid(_unet_logits(self.member(i), v))
+                p = p.flip(-1) if j else p
+                acc = p if acc is None else acc + p
+        return acc * (1.0 / (self.members * len(views)))
 
     def forward(self, x):
         img, m = split_input(x)
         mm = mask_at(m, self.factor)
-        amap = torch.sigmoid(self.logits(img)) * mm
+        amap = self.probability(img) * mm
         return amap, topk_score(amap, erode(mm, self.score_erode), self.k)
 
     def fit(self, batches, *, epochs: int = 12, progress: bool = True, max_seconds=None, **_) -> dict:
-        torch.manual_seed(self.seed)
-        g = torch.Generator().manual_seed(self.seed)
-        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        """Train the members one after the other (each its own optimiser, synthesis and augmentation draws; the
+        batch order is the caller's), ``max_seconds`` shared out evenly."""
+        infos = []
+        for i in range(self.members):
+            share = None if not max_seconds else max_seconds / self.members
+            infos.append(self._fit_member(i, batches, epochs, progress, share))
+        self.eval()
+        info = dict(infos[0])
+        if self.members > 1:
+            info["steps"] = sum(x["steps"] for x in infos)
+            info["seconds"] = round(sum(x["seconds"] for x in infos), 2)
+            info["members"] = [{k: x[k] for k in ("steps", "final_loss", "seconds")} for x in infos]
+        info["lesions"] = ("synthetic + real (masks of %d abnormal images, p=%g)" % (self._bank[0].shape[0], self.real_p)
+                           if self._bank is not None and self.real_p > 0 else "synthetic only")
+        return info
+
+    def _fit_member(self, i: int, batches, epochs: int, progress: bool, max_seconds) -> dict:
+        net = self.member(i)
+        params = [p for n, p in self.named_parameters() if not n.startswith("more.")] if i == 0 else list(net.parameters())
+        torch.manual_seed(self.seed + 1000 * i)
+        g = torch.Generator().manual_seed(self.seed + 1000 * i)
+        opt = torch.optim.Adam(params, lr=self.lr)
         self.train()
 
         def step(x, y, i):
             x = flip_aug(x, g)
+            if self.aug == "photo":
+                x, _ = photo_aug(x, g)
             xs, tgt = synthesize(x, g, self.synth, p=self.p_anomaly)
             if self._bank is not None and self.real_p > 0:
                 xs, tgt = self._real_mix(xs, tgt, g)
             img, m = split_input(xs)
             mm = mask_at(m, self.factor)
             t = F.avg_pool2d(tgt, self.factor)
-            lg = self.logits(img)
+            lg = _unet_logits(net, img)
             bce = (F.binary_cross_entropy_with_logits(lg, t, reduction="none", pos_weight=torch.tensor(3.0)) * mm).sum() / mm.sum().clamp(min=1)
             p = torch.sigmoid(lg) * mm
             dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
@@ -141,8 +181,35 @@ class SyntheticSegmenter(nn.Module):
             opt.step()
             return float(loss.detach())
 
-        info = run_steps(self, batches, epochs, step, progress=progress, max_seconds=max_seconds, label="draem")
-        self.eval()
-        info["lesions"] = ("synthetic + real (masks of %d abnormal images, p=%g)" % (self._bank[0].shape[0], self.real_p)
-                           if self._bank is not None and self.real_p > 0 else "synthetic only")
-        return info
+        label = "draem" if self.members == 1 else f"draem {i + 1}/{self.members}"
+        return run_steps(self, batches, epochs, step, progress=progress, max_seconds=max_seconds, label=label)
+
+
+class _UNet(nn.Module):
+    """A further ensemble member: the layers of :class:`SyntheticSegmenter`'s own U-Net."""
+
+    def __init__(self, widths):
+        super().__init__()
+        _unet_layers(self, widths)
+
+
+def _unet_layers(net: nn.Module, widths) -> None:
+    """The U-Net's layers, set on ``net``: encoder to 1/16, decoder back to 1/4, a 1x1 logit head."""
+    w0, w1, w2, w3 = widths
+    net.e0 = nn.Sequential(_cbr(1, w0, 2), _cbr(w0, w0))          # 1/2
+    net.e1 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))         # 1/4
+    net.e2 = nn.Sequential(_cbr(w1, w2, 2), _cbr(w2, w2))         # 1/8
+    net.e3 = nn.Sequential(_cbr(w2, w3, 2), _cbr(w3, w3))         # 1/16
+    net.d2 = _cbr(w3 + w2, w2)
+    net.d1 = _cbr(w2 + w1, w1)
+    net.head = nn.Conv2d(w1, 1, 1)
+
+
+def _unet_logits(net, img):
+    a = net.e0(img)
+    b = net.e1(a)
+    c = net.e2(b)
+    d = net.e3(c)
+    c = net.d2(torch.cat([F.interpolate(d, scale_factor=2.0, mode="nearest"), c], 1))
+    b = net.d1(torch.cat([F.interpolate(c, scale_factor=2.0, mode="nearest"), b], 1))
+    return net.head(b)  # 1/4 resolution
