@@ -116,19 +116,19 @@ def count_params(model) -> int:
     return int(sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers()))
 
 
-def latency_256(family: str, cfg: dict, n: int = 60) -> dict:
-    """ms per frame of the family's 256² ONNX export (weights untrained: the graph and its cost are the same)."""
+def onnx_latency(family: str, cfg: dict, size: int = 256, n: int = 60) -> dict:
+    """ms per frame of the family's ``size``² ONNX export (weights untrained: the graph and its cost are the same)."""
     import onnxruntime as ort
 
     from sonomaly.engines.models import build
     from sonomaly.engines.train import export_onnx
 
-    model = build(family, size=[256, 256], in_channels=2, **cfg)
+    model = build(family, **{**cfg, "size": [size, size], "in_channels": 2})
     tmp = Path(tempfile.mkdtemp(prefix="sonomaly_lat_"))
     try:
-        export_onnx(model, tmp / "m.onnx", (256, 256), 2)
+        export_onnx(model, tmp / "m.onnx", (size, size), 2)
         size_mb = (tmp / "m.onnx").stat().st_size / 1e6
-        x = np.random.default_rng(0).standard_normal((1, 2, 256, 256)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((1, 2, size, size)).astype(np.float32)
         x[0, 1] = 1.0
         out = {"params": count_params(model), "onnx_mb": round(size_mb, 2)}
         for th in (1, 2):
@@ -218,6 +218,11 @@ def fmt(m):
     return "—" if m is None else f"{m['mean']:.3f} ± {m['sd']:.3f}"
 
 
+def _at_size(lat: dict) -> str:
+    at = lat.get("at_size")
+    return f" ({at['size']}²: {at.get('ms_1t', '?')} / {at.get('ms_2t', '?')})" if at else ""
+
+
 def table(results: dict) -> str:
     lines = ["| dataset | family | image AUROC | image AP | clip AUROC | pixel AUROC | AUPRO | Dice | peak hit | "
              "brightness AUROC | ms/frame 256² (ORT 1t / 2t) | params |",
@@ -226,7 +231,8 @@ def table(results: dict) -> str:
         lat = results["latency"].get(r["family"], results["latency"].get(r["family"].split("+")[0], {}))
         lines.append(f"| {r['dataset_label']} | {r['family']} | " + " | ".join(fmt(r['agg'][k]) for k in (
             "image_auroc", "image_ap", "clip_auroc", "pixel_auroc", "aupro", "dice", "peak_hit_rate",
-            "brightness_auroc")) + f" | {lat.get('ms_1t', '?')} / {lat.get('ms_2t', '?')} | {lat.get('params', '?')} |")
+            "brightness_auroc")) + f" | {lat.get('ms_1t', '?')} / {lat.get('ms_2t', '?')}{_at_size(lat)} | "
+            f"{lat.get('params', '?')} |")
     return "\n".join(lines)
 
 
@@ -289,14 +295,19 @@ def run(args) -> int:
         if not args.no_latency:
             for fam in fams:
                 label = f"{fam}+{args.tag}" if args.tag else fam
-                results["latency"][label] = latency_256(fam, {**family_config(fam, "lung"), **overrides})
+                cfg = {**family_config(fam, "lung"), **overrides}
+                results["latency"][label] = onnx_latency(fam, cfg)
+                if args.size != 256:  # also at the size the accuracy was measured at (a default may ship at it)
+                    results["latency"][label]["at_size"] = {"size": args.size, **onnx_latency(fam, cfg, args.size)}
                 print(f"[bench] latency {label}: {results['latency'][label]}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["summary"] = summarise(results)
+    note = results.get("machine", {}).get("note") if args.merge else None  # a merged file keeps its note (which
+    # rows ran on which machine): edit it by hand when a merge adds rows from another machine
     results["machine"] = {"nproc": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
                           "python": platform.python_version(), "torch": torch.__version__,
-                          "note": "2 cores; heavy runs serialised with flock"}
+                          "note": note or "2 cores; heavy runs serialised with flock"}
     prev = results.get("settings", {})
     results["settings"] = {**prev, "size": args.size, "seeds": seeds,
                            "configs": {**prev.get("configs", {}),

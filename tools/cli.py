@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draem: also learn from abnormal images that have lesion masks (masks/<stem>_mask*.png): a "
                         "share P of the training items becomes a real lesion, as it is or pasted onto a normal frame "
                         "(the threshold is still chosen on normal frames only)")
+    p.add_argument("--config", default="", metavar="KEY=VAL,...",
+                   help="family configuration overrides, e.g. draem: members=2,tta_flip=1,aug=photo,score_erode=0 "
+                        "(the breast default's recipe, see benchmarks/detectors.md)")
 
     for name in PLUGIN_COMMANDS:
         if importlib.util.find_spec(name) is not None:
@@ -205,10 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from sonomaly.engines.train import train
 
-        extra = {"family_config": {"real_p": args.real_lesions}} if args.real_lesions > 0 else {}
-        if extra and args.family != "draem":
+        from sonomaly.engines.models import build
+        from sonomaly.tools.bench_detectors import parse_overrides
+
+        if args.real_lesions > 0 and args.family != "draem":
             print("sonomaly train: --real-lesions is for --family draem", file=sys.stderr)
             return 2
+        try:
+            cfg = parse_overrides(args.config)
+            if args.real_lesions > 0:
+                cfg["real_p"] = args.real_lesions
+            build(args.family, **{**cfg, "size": [32, 32]})  # unknown keys and bad values fail here, before decoding
+        except (TypeError, ValueError) as e:
+            print(f"sonomaly train: --config for {args.family}: {e}", file=sys.stderr)
+            return 2
+        extra = {"family_config": cfg} if cfg else {}
         card = train(args.family, args.data, args.out, size=args.size, epochs=args.epochs, seed=args.seed, **extra)
         print(f"wrote {args.out} ({card.name}, family {card.family})")
         return 0
