@@ -40,6 +40,17 @@ def test_real_lesions_is_for_draem_only(tmp_path, capsys):
     assert "--family draem" in capsys.readouterr().err
 
 
+def test_train_config_is_checked_before_any_decoding(tmp_path, capsys):
+    """``--config`` reaches the family's constructor first: an unknown key or a bad value is a clear error (rc 2)
+    and no model directory is written."""
+    for cfg, want in (("membres=2", "membres"), ("members=0", "members"), ("aug=sepia", "aug"), ("members", "KEY=VALUE")):
+        rc = main(["train", "--family", "draem", "--data", str(tmp_path), "--out", str(tmp_path / "m"), "--config", cfg])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "--config for draem" in err and want in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_bench_pipeline_writes_json(tmp_path, lung_model, demo_clip):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "bench", "pipeline", "--frames", "12",

@@ -194,3 +194,92 @@ def test_draem_learns_from_real_lesion_masks(tmp_path):
     with pytest.raises(ValueError, match="lesion mask"):
         train("draem", root, tmp_path / "m2", size=SIZE, epochs=1, seed=0, val_fraction=0.25, region_fn=full_region,
               family_config=cfg, progress=False, batch_size=8)
+
+
+def test_photo_aug_keeps_the_input_contract_and_moves_masks_with_the_image():
+    """``aug="photo"`` of the synthetic segmenter: after a random gamma, zoom and shift the image channel is again a
+    z-score inside the (moved) scan mask and 0 outside, a lesion mask follows the image, gamma alone keeps the order
+    of the intensities, and it is deterministic for a generator."""
+    from sonomaly.engines.models.common import photo_aug
+
+    rng = np.random.default_rng(0)
+    x = torch.zeros(6, 2, SIZE, SIZE)
+    x[:, 1, 6 : SIZE - 6, 10 : SIZE - 10] = 1.0
+    x[:, 0] = torch.from_numpy(rng.standard_normal((6, SIZE, SIZE)).astype(np.float32)) * x[:, 1]
+    les = torch.zeros(6, 1, SIZE, SIZE)
+    les[:, :, 20:34, 24:40] = 1.0
+    x[:, 0][les[:, 0] > 0] = -3.0  # a dark lesion where the mask says
+    a, la = photo_aug(x, torch.Generator().manual_seed(1), les, p=1.0)
+    b, lb = photo_aug(x, torch.Generator().manual_seed(1), les, p=1.0)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert x[0, 0, 20, 24] == -3.0, "the batch must not be modified in place"
+    for i in range(6):
+        inside = a[i, 1] > 0.5
+        assert not torch.equal(a[i], x[i])
+        assert float(a[i, 0][~inside].abs().max()) == 0.0
+        assert abs(float(a[i, 0][inside].mean())) < 1e-3 and abs(float(a[i, 0][inside].std()) - 1.0) < 0.02
+        moved = la[i, 0] > 0.5
+        assert moved.sum() > 0 and float(a[i, 0][moved & inside].mean()) < float(a[i, 0][inside & ~moved].mean()) - 1.0
+    g, _ = photo_aug(x, torch.Generator().manual_seed(2), p=1.0, zoom=(1.0, 1.0), shift=0.0)
+    inside = x[0, 1] > 0.5
+    order_out = torch.argsort(g[0, 0][inside])
+    assert float((x[0, 0][inside][order_out].diff() >= -1e-6).float().mean()) > 0.99  # monotone: same order
+    assert torch.equal(photo_aug(x, torch.Generator().manual_seed(3), p=0.0)[0], x)
+    with pytest.raises(ValueError, match="aug"):
+        build("draem", size=[SIZE, SIZE], aug="bogus")
+
+
+def test_draem_ensemble_averages_members_and_flip_and_exports(normal_dir, tmp_path):
+    """``members`` > 1 and ``tta_flip``: each member trains from its own initialisation, the map is the mean of the
+    members' probabilities over the frame and its mirror image (checked by hand), ONNX gives the same numbers, and a
+    one-member model keeps the state-dict keys that shipped models have."""
+    cfg = {**FAST["draem"][0], "members": 2, "tta_flip": True, "aug": "photo", "score_erode": 0}
+    card = train("draem", normal_dir, tmp_path / "m", size=SIZE, epochs=4, seed=0, val_fraction=0.25,
+                 region_fn=full_region, family_config=cfg, progress=False, batch_size=8)
+    fit = card.training["fit"]
+    assert len(fit["members"]) == 2 and fit["steps"] == sum(m["steps"] for m in fit["members"])
+    ort, ref = load(tmp_path / "m", backend="onnxruntime"), load(tmp_path / "m", backend="torch")
+    img = speckle(SIZE, 99, lesion=True)
+    x = preprocess(img, full_region(img), card)
+    (ma, sa), (mb, sb) = ort.infer(x), ref.infer(x)
+    assert np.abs(ma - mb).max() <= 1e-4 and abs(float(sa[0]) - float(sb[0])) <= 1e-4
+    from sonomaly.engines.models.common import mask_at
+    from sonomaly.engines.models.draem import _unet_logits
+
+    model = ref.impl.model
+    with torch.no_grad():
+        img = torch.from_numpy(x)[:, :1]
+        per = [[torch.sigmoid(_unet_logits(model.member(i), img)),
+                torch.sigmoid(_unet_logits(model.member(i), img.flip(-1))).flip(-1)] for i in range(2)]
+        by_hand = (sum(p for pair in per for p in pair) / 4 * mask_at(torch.from_numpy(x)[:, 1:2], 4)).numpy()
+    assert not torch.allclose(per[0][0], per[1][0]), "the two members must differ"
+    assert not torch.allclose(per[0][0], per[0][1]), "the mirrored view must differ"
+    assert np.abs(by_hand - mb).max() < 1e-5
+    assert not any(k.startswith("more.") for k in build("draem", size=[SIZE, SIZE]).state_dict())
+    with pytest.raises(ValueError, match="members"):
+        build("draem", size=[SIZE, SIZE], members=0)
+
+
+
+def test_pick_best_respects_the_latency_budget_at_the_shipping_size():
+    """The default is the best family that fits ≤ 10 ms at the size it ships at: a family timed too slow at 256²
+    but fast at the benchmark size wins only when the default ships at that size; one not timed there is skipped."""
+    from sonomaly.engines.train import pick_best
+    from sonomaly.tools.bench_detectors import onnx_latency
+
+    agg = lambda v: {k: {"mean": v, "sd": 0.0, "n": 3} for k in ("image_auroc", "pixel_auroc", "dice", "peak_hit_rate")}
+    bench = {"summary": {
+        "a": {"dataset": "busi", "family": "draem+ens", "variant": "as_is", "agg": agg(0.9)},
+        "b": {"dataset": "busi", "family": "draem", "variant": "as_is", "agg": agg(0.7)},
+        "c": {"dataset": "busi", "family": "classifier", "variant": "as_is", "agg": agg(0.8)}},
+        "latency": {"draem+ens": {"ms_1t": 21.0, "ms_2t": 14.0, "at_size": {"size": 128, "ms_1t": 5.2, "ms_2t": 4.0}},
+                    "draem": {"ms_1t": 5.0, "ms_2t": 3.5, "at_size": {"size": 128, "ms_1t": 1.3, "ms_2t": 1.1}},
+                    "classifier": {"ms_1t": 12.0, "ms_2t": 11.0}}}
+    assert pick_best(bench, "busi") == "draem"
+    assert pick_best(bench, "busi", size=128) == "draem+ens"
+    bench["latency"]["draem+ens"]["at_size"]["ms_1t"] = 10.5
+    bench["latency"]["draem+ens"]["at_size"]["ms_2t"] = 11.0
+    assert pick_best(bench, "busi", size=128) == "draem"
+    lat = onnx_latency("draem", dict(FAST["draem"][0], members=2), size=SIZE, n=3)
+    assert lat["params"] == 2 * onnx_latency("draem", FAST["draem"][0], size=SIZE, n=3)["params"]
+    assert lat["ms_1t"] > 0 and lat["ms_2t"] > 0
