@@ -709,13 +709,14 @@ def _jsonable(o):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the shipped defaults (models/lung, models/breast), chosen from the detector benchmark
-def pick_best(bench: dict, dataset: str, max_ms: float = 10.0, size: int = 256) -> str:
+def pick_best(bench: dict, dataset: str, max_ms: float = 10.0, size: int = 256, tie: float = 0.01) -> str:
     """Best family for ``dataset`` in ``benchmarks/detectors.json`` within the latency budget (ORT, 1 or 2 threads) at
     the input ``size`` the default will ship at (the 256² numbers, or the benchmark size's where it was measured).
 
     breast: mean of image AUROC, pixel AUROC, Dice and peak hit rate; lung: mean of the brightness-matched frame and clip
-    AUROC (the as-is numbers can be inflated by the brightness shortcut)."""
-    best, best_v = None, -1.0
+    AUROC (the as-is numbers can be inflated by the brightness shortcut).  Candidates within ``tie`` of the best value
+    count as equal (the split-to-split sd is far larger) and the fastest of them on one thread wins."""
+    cands = []
     for key, r in bench.get("summary", {}).items():
         if r["dataset"] != dataset:
             continue
@@ -731,12 +732,11 @@ def pick_best(bench: dict, dataset: str, max_ms: float = 10.0, size: int = 256) 
         a = r["agg"]
         ks = ("image_auroc", "pixel_auroc", "dice", "peak_hit_rate") if dataset == "busi" else ("image_auroc", "clip_auroc")
         vals = [a[k]["mean"] for k in ks if a.get(k)]
-        v = float(np.mean(vals)) if vals else -1
-        if v > best_v:
-            best, best_v = r["family"], v
-    if best is None:
+        cands.append((float(np.mean(vals)) if vals else -1.0, float(lat.get("ms_1t", 0)), r["family"]))
+    if not cands:
         raise ValueError(f"no benchmark results for {dataset}")
-    return best
+    best_v = max(c[0] for c in cands)
+    return min((c for c in cands if c[0] >= best_v - tie), key=lambda c: (c[1], -c[0]))[2]
 
 
 def _write_model_readme(out_dir: Path, card: ModelCard, organ: str, bench_rows: dict, notes: list[str]) -> None:

@@ -280,6 +280,11 @@ def test_pick_best_respects_the_latency_budget_at_the_shipping_size():
     bench["latency"]["draem+ens"]["at_size"]["ms_1t"] = 10.5
     bench["latency"]["draem+ens"]["at_size"]["ms_2t"] = 11.0
     assert pick_best(bench, "busi", size=128) == "draem"
+    # within the tie margin the faster wins; beyond it the better one does
+    bench["latency"]["draem+ens"]["at_size"].update(ms_1t=9.0, ms_2t=7.0)
+    bench["summary"]["b"]["agg"] = agg(0.895)
+    assert pick_best(bench, "busi", size=128) == "draem"
+    assert pick_best(bench, "busi", size=128, tie=0.001) == "draem+ens"
     lat = onnx_latency("draem", dict(FAST["draem"][0], members=2), size=SIZE, n=3)
     assert lat["params"] == 2 * onnx_latency("draem", FAST["draem"][0], size=SIZE, n=3)["params"]
     assert lat["ms_1t"] > 0 and lat["ms_2t"] > 0
