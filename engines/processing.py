@@ -110,6 +110,7 @@ def postprocess(
     *,
     smooth_sigma: float = 2.0,
     out: np.ndarray | None = None,
+    work_side: int | None = None,
 ) -> PostResult:
     """Raw model outputs -> ``(amap, score)``.
 
@@ -117,9 +118,19 @@ def postprocess(
     clamped to 0) resized into the region bbox (bilinear), Gaussian-smoothed with ``smooth_sigma`` frame pixels, and 0
     outside the scan mask.  ``score`` is the normalised image score (1.0 = image threshold).  NaN/inf in the raw
     outputs never raise: they become 0 and are counted in ``result.nonfinite``.  ``out`` may be a reusable
-    frame-sized float32 buffer (otherwise one is allocated per call).
+    float32 buffer of the output's shape (otherwise one is allocated per call).
+
+    ``work_side``: when the frame's longer side exceeds it, the map is made at the frame's size scaled down to that
+    side instead (the same geometry, frame-aligned: :func:`sonomaly.overlay.compose` stretches it back over the frame).
+    The live pipeline uses this so that smoothing and the temporal filter cost the same at 1080p as at 450².
     """
     fh, fw = int(frame_shape[0]), int(frame_shape[1])
+    scale = 1.0
+    if work_side and max(fh, fw) > int(work_side):
+        scale = int(work_side) / max(fh, fw)
+        region = _scaled_region(region, (max(1, round(fh * scale)), max(1, round(fw * scale))))
+        fh, fw = region.frame_shape
+        smooth_sigma = smooth_sigma * scale
     m = np.asarray(raw_map, np.float32)
     m = m.reshape(m.shape[-2], m.shape[-1])
     nonfinite = 0
@@ -148,13 +159,38 @@ def postprocess(
     if x1 <= x0 or y1 <= y0:
         return PostResult(out, score, nonfinite)
     big = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
-    if smooth_sigma and smooth_sigma > 0:
+    if smooth_sigma and smooth_sigma >= 0.3:
         cv2.GaussianBlur(big, (0, 0), smooth_sigma, dst=big, borderType=cv2.BORDER_REPLICATE)
     big = big[y0 - y : y0 - y + (y1 - y0), x0 - x : x0 - x + (x1 - x0)]
     roi_out = out[y0:y1, x0:x1]
     mask = region.mask[y0:y1, x0:x1]
     np.copyto(roi_out, big, where=mask > 0)
     return PostResult(out, score, nonfinite)
+
+
+_SCALED: dict[tuple, ScanRegion] = {}
+
+
+def _scaled_region(region: ScanRegion, shape_hw: tuple[int, int]) -> ScanRegion:
+    """``region`` on a frame resized to ``shape_hw`` (bbox scaled, mask resized); cached for the last few regions."""
+    key = (id(region.mask), region.bbox, shape_hw)
+    hit = _SCALED.get(key)
+    if hit is not None and hit[0] is region.mask:
+        return hit[1]
+    fh, fw = region.frame_shape
+    oh, ow = shape_hw
+    sy, sx = oh / fh, ow / fw
+    x, y, w, h = region.bbox
+    x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
+    x1 = min(ow, max(x0 + 1, int(np.ceil((x + w) * sx))))
+    y1 = min(oh, max(y0 + 1, int(np.ceil((y + h) * sy))))
+    mask = cv2.resize(region.mask, (ow, oh), interpolation=cv2.INTER_AREA)
+    mask = np.where(mask > 127, np.uint8(255), np.uint8(0))
+    small = ScanRegion((x0, y0, x1 - x0, y1 - y0), mask, region.kind)
+    if len(_SCALED) > 8:
+        _SCALED.clear()
+    _SCALED[key] = (region.mask, small)
+    return small
 
 
 class TemporalSmoother:

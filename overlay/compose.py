@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import cv2
 import numpy as np
 
 from sonomaly.overlay.draw import (
@@ -35,17 +34,14 @@ class OverlayStyle:
     hud_corner: str = "bottom_left"
 
 
-def _fit_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _as_map(amap: np.ndarray) -> np.ndarray | None:
+    """2-D float32 map (frame-sized or smaller: the drawing functions stretch it over the frame); ``None`` if empty."""
     amap = np.asarray(amap)
     if amap.ndim == 3:
         amap = amap[:, :, 0]
-    if amap.dtype != np.float32:
-        amap = amap.astype(np.float32)
-    if amap.shape != shape:  # a model-resolution map: stretch it over the frame
-        if amap.size == 0 or shape[0] == 0 or shape[1] == 0:
-            return np.zeros(shape, np.float32)
-        amap = cv2.resize(amap, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-    return amap
+    if amap.size == 0:
+        return None
+    return amap if amap.dtype == np.float32 else amap.astype(np.float32)
 
 
 def compose(image: np.ndarray, amap: np.ndarray | None, region: ScanRegion | None, *, score: float | None = None,
@@ -55,7 +51,7 @@ def compose(image: np.ndarray, amap: np.ndarray | None, region: ScanRegion | Non
 
     ``amap=None`` means no heatmap this frame (raw image plus gauge/HUD/banner).  ``region`` limits the heatmap and
     contours to the scan (``None``: whole frame) and tells the gauge which corner is free.  A map of a different size
-    than the frame (e.g. the model's resolution) is resized to it.
+    than the frame (e.g. the pipeline's ``map_side`` maps) is stretched over it.
     """
     style = style or OverlayStyle()
     src = _as_bgr(image)
@@ -66,8 +62,8 @@ def compose(image: np.ndarray, amap: np.ndarray | None, region: ScanRegion | Non
     mask = None
     if region is not None:
         mask = region.mask if region.frame_shape == (h, w) else None
-    if amap is not None:
-        a = _fit_map(amap, (h, w))
+    a = None if amap is None else _as_map(amap)
+    if a is not None:
         blend_heatmap(out, a, mask, opacity=style.opacity, out=out, colormap=style.colormap)
         if style.contours:
             th = style.contour_thickness or max(1, int(round(2 * h / 720)))

@@ -105,13 +105,31 @@ def _mask255(mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
 _CV_MIN = 1024
 
 
-def _amap(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _amap(amap: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """2-D float32 view of a map; with ``shape``, it must be exactly that shape."""
     amap = np.asarray(amap)
     if amap.ndim == 3:
         amap = amap[:, :, 0]
-    if amap.shape != shape:
+    if amap.ndim != 2:
+        raise ValueError(f"amap must be 2-D, got shape {amap.shape}")
+    if shape is not None and amap.shape != shape:
         raise ValueError(f"amap shape {amap.shape} != frame shape {shape}")
     return amap if amap.dtype == np.float32 else amap.astype(np.float32)
+
+
+def _map_window(amap: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int, int]):
+    """The part of ``amap`` (frame-sized, or a smaller map stretched over the whole frame) under the frame box
+    ``(x, y, w, h)``: ``(window, (sx, ox, sy, oy))`` where window pixel ``c`` has its centre at box coordinate
+    ``(c + 0.5) * s + o - 0.5``."""
+    x, y, bw, bh = box
+    mh, mw = amap.shape
+    h, w = shape
+    if (mh, mw) == (h, w):
+        return amap[y : y + bh, x : x + bw], (1.0, 0.0, 1.0, 0.0)
+    rx, ry = mw / w, mh / h
+    cx0, cy0 = int(np.floor(x * rx)), int(np.floor(y * ry))
+    cx1, cy1 = min(mw, max(cx0 + 1, int(np.ceil((x + bw) * rx)))), min(mh, max(cy0 + 1, int(np.ceil((y + bh) * ry))))
+    return amap[cy0:cy1, cx0:cx1], (1.0 / rx, cx0 / rx - x, 1.0 / ry, cy0 / ry - y)
 
 
 def quantise(amap: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -137,7 +155,8 @@ def blend_heatmap(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
 
     Per-pixel alpha is ``opacity * clip(amap, 0, 1.5) / 1.5``: it grows with the anomaly and is exactly 0 where
     ``amap <= 0`` (or NaN), so a zero map leaves the frame bit-exact; pixels outside the mask never change.
-    ``out`` may be ``image`` itself (blend in place) or another frame of the same shape.
+    ``out`` may be ``image`` itself (blend in place) or another frame of the same shape.  A map smaller than the
+    frame is stretched over the whole frame (bilinear, after quantising: cheap at any frame size).
     """
     src = _as_bgr(image)
     h, w = src.shape[:2]
@@ -154,7 +173,13 @@ def blend_heatmap(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     if bw == 0 or bh == 0:
         return out
     opacity = float(min(max(opacity, 0.0), 1.0))
-    level = quantise(_amap(amap, (h, w))[y : y + bh, x : x + bw], out=_scratch("level", (bh, bw), np.uint8))
+    a = _amap(amap)
+    if a.shape == (h, w):
+        level = quantise(a[y : y + bh, x : x + bw], out=_scratch("level", (bh, bw), np.uint8))
+    else:  # quantise at the map's own size, then stretch the levels over the frame and take the box
+        full = cv2.resize(quantise(a), (w, h), interpolation=cv2.INTER_LINEAR)
+        level = _scratch("level", (bh, bw), np.uint8)
+        np.copyto(level, full[y : y + bh, x : x + bw])
     np.bitwise_and(level, m[y : y + bh, x : x + bw], out=level)  # outside the mask: level 0 -> alpha 0
     lx, ly, lw, lh = _nonzero_box(level)  # and only where the map is above zero
     if lw == 0 or lh == 0:
@@ -208,6 +233,7 @@ def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     """Outline where ``amap`` crosses ``level``, drawn inside the mask only (anti-aliased, with a thin dark halo).
 
     Nothing is drawn when the map stays on one side of the level everywhere.  The frame border is not a crossing.
+    A map smaller than the frame is stretched over the whole frame (traced at its own size).
     """
     out = _target(image, inplace)
     h, w = out.shape[:2]
@@ -217,11 +243,13 @@ def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     x, y, bw, bh = _nonzero_box(m)
     if bw == 0 or bh == 0:
         return out
-    a = _amap(amap, (h, w))[y : y + bh, x : x + bw]
+    a, (sx, ox, sy, oy) = _map_window(_amap(amap), (h, w), (x, y, bw, bh))
     # Trace on a copy of at most ~_CONTOUR_SIDE px (smoother lines, bounded cost on noisy maps), draw at full size.
-    f = max(1, int(np.ceil(max(bw, bh) / _CONTOUR_SIDE)))
+    ah0, aw0 = a.shape
+    f = max(1, int(np.ceil(max(aw0, ah0) / _CONTOUR_SIDE)))
     if f > 1:
-        a = cv2.resize(a, (max(1, bw // f), max(1, bh // f)), interpolation=cv2.INTER_AREA)
+        a = cv2.resize(a, (max(1, aw0 // f), max(1, ah0 // f)), interpolation=cv2.INTER_AREA)
+        sx, sy = sx * aw0 / a.shape[1], sy * ah0 / a.shape[0]
     above = np.greater_equal(a, np.float32(level)).view(np.uint8)  # NaN -> below
     n_above = int(np.count_nonzero(above))
     if n_above == 0 or n_above == above.size:
@@ -230,7 +258,6 @@ def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     pad = 4  # replicate past the border so the frame edge never reads as a crossing
     padded = cv2.copyMakeBorder(above, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     contours, _ = cv2.findContours(padded, cv2.RETR_LIST, cv2.CHAIN_APPROX_TC89_L1, offset=(-pad, -pad))
-    ah, aw = above.shape
     # drop single-pixel noise; the padded frame's own border (if any) lies outside the canvas and is clipped away
     keep = []
     for c in contours:
@@ -240,9 +267,8 @@ def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     if not keep:
         return out
     shift = 3
-    sx, sy = bw / aw, bh / ah
     scale = np.array([sx, sy]) * (1 << shift)
-    offset = (np.array([sx, sy]) * 0.5 - 0.5) * (1 << shift)
+    offset = (np.array([sx, sy]) * 0.5 + np.array([ox, oy]) - 0.5) * (1 << shift)
     keep = [np.round(c.reshape(-1, 2) * scale + offset).astype(np.int32).reshape(-1, 1, 2) for c in keep]
     # draw on a copy of just the contours' box, then copy it back through the mask (nothing lands outside the scan)
     allp = np.concatenate(keep).reshape(-1, 2) >> shift

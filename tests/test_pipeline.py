@@ -103,6 +103,45 @@ def test_fast_engine_draws_heatmaps_at_the_source_rate(demo_clip, engine):
         assert stage in rec["stages_ms"] and rec["stages_ms"][stage] >= 0
 
 
+def test_heatmaps_made_at_map_side_are_drawn_over_the_whole_frame(demo_clip, engine):
+    """``map_side``: the worker's maps are smaller than the frame (frame-aligned), and the composer still draws them:
+    the same frames composed from full-size maps (``map_side=None``) look the same."""
+    from sonomaly import overlay
+
+    p = Pipeline(source(demo_clip), engine, PipelineConfig(map_side=160))
+    p.start()
+    try:
+        assert _wait(lambda: p.ai_slot.peek()[1] is not None and p.out.latest() is not None)
+        ai = p.ai_slot.peek()[1]
+        frame = p.out.latest().raw.copy()
+    finally:
+        p.stop()
+    h, w = ai.frame_shape
+    assert max(ai.amap.shape) == 160 and ai.amap.shape[0] / ai.amap.shape[1] == pytest.approx(h / w, rel=0.02)
+    from sonomaly.engines.processing import postprocess, preprocess
+
+    raw = engine.infer(preprocess(frame, ai.region, engine.card))
+    big, _ = postprocess(*raw, ai.region, engine.card, (h, w))
+    small, _ = postprocess(*raw, ai.region, engine.card, (h, w), work_side=160)
+    style = overlay.OverlayStyle(contours=False)  # contour lines may move by a pixel: compare the colour wash
+    a = overlay.compose(frame, big, ai.region, style=style)
+    b = overlay.compose(frame, small, ai.region, style=style)
+    inside = ai.region.mask > 0
+    assert np.abs(a.astype(int) - frame.astype(int))[inside].mean() > 5.0, "a heatmap must be drawn"
+    d = np.abs(a.astype(int) - b.astype(int))[inside]
+    assert d.mean() < 1.0 and np.percentile(d, 99) <= 10  # grey levels, of 255
+    assert np.array_equal(a[~inside], frame[~inside]) and np.array_equal(b[~inside], frame[~inside])
+
+
+def _wait(pred, timeout: float = 10.0) -> bool:
+    t = time.monotonic() + timeout
+    while time.monotonic() < t:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_slow_engine_never_slows_the_video(demo_clip, engine):
     slow = Wrapped(engine, delay_s=0.35)
     p = Pipeline(source(demo_clip), slow)

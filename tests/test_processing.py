@@ -174,3 +174,32 @@ def test_temporal_smoother_nan_and_shape_change():
     assert out.shape == (5, 5)
     with pytest.raises(ValueError):
         TemporalSmoother(alpha=0.0)
+
+
+def test_postprocess_work_side_gives_the_same_map_at_a_lower_resolution():
+    """``work_side``: the map of a 1080p frame is made at the frame scaled to that longer side, frame-aligned (the
+    blob lands at the same relative place, 0 outside the scaled scan mask) and, stretched back over the frame as the
+    compositor does, it agrees with the full-size map; frames already small enough are untouched."""
+    import cv2
+
+    card = make_card()
+    fh, fw = 1080, 1920
+    mask = np.zeros((fh, fw), np.uint8)
+    mask[90:1010, 400:1500] = 255
+    region = ScanRegion((400, 90, 1100, 920), mask, "rectangle")
+    raw = np.full((1, 1, 64, 64), 2.0, np.float32)
+    raw[0, 0, 8:24, 40:56] = 10.0
+    full, s_full = postprocess(raw, [11.0], region, card, (fh, fw))
+    small, s_small = postprocess(raw, [11.0], region, card, (fh, fw), work_side=320)
+    assert small.shape == (180, 320) and s_small == s_full
+    assert np.all(small[cv2.resize(mask, (320, 180), interpolation=cv2.INTER_AREA) <= 127] == 0)
+    back = cv2.resize(small, (fw, fh), interpolation=cv2.INTER_LINEAR)
+    inner = cv2.erode(mask, np.ones((41, 41), np.uint8)) > 0  # away from the mask edge (resampling differs there)
+    diff = np.abs(back[inner] - full[inner])
+    assert diff.mean() < 0.005 * full.max() and np.percentile(diff, 99) < 0.1 * full.max()  # only the blob's edge
+    assert diff.max() < 0.25 * full.max()
+    ys, xs = np.unravel_index(np.argmax(small), small.shape)
+    yf, xf = np.unravel_index(np.argmax(full), full.shape)
+    assert abs(ys / 180 - yf / fh) < 0.02 and abs(xs / 320 - xf / fw) < 0.02
+    same, _ = postprocess(raw, [11.0], sector_region(), card, (480, 640), work_side=640)
+    assert same.shape == (480, 640)
