@@ -55,10 +55,11 @@ def test_bench_pipeline_writes_json(tmp_path, lung_model, demo_clip):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "bench", "pipeline", "--frames", "12",
                         "--sizes", "native,640x480", "--model", str(lung_model), "--clip", str(demo_clip),
-                        "--json", str(out)], capture_output=True, text=True, timeout=120)
+                        "--map-side", "200,0", "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert [row["size"] for row in data["results"]] == ["450x450", "640x480"]
+    assert [(row["size"], row["map_side"]) for row in data["results"]] == [
+        ("450x450", 200), ("450x450", None), ("640x480", 200), ("640x480", None)]
     for row in data["results"]:
         st = row["stages"]
         assert set(st) == {"roi", "preprocess", "infer", "postprocess", "overlay", "i420", "total"}

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=200, help="frames per size (default 200)")
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: " + ", ".join(SIZES))
     p.add_argument("--threads", type=int, default=None, help="inference threads")
+    p.add_argument("--map-side", default=None,
+                   help="heatmap working size(s), comma-separated (longer side; 0: the full frame); default the "
+                        "pipeline's own (PipelineConfig.map_side)")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--md", default=None, help="also write a Markdown table here")
 
@@ -59,7 +63,9 @@ def _frames(clip: str, n: int) -> list[np.ndarray]:
     return frames
 
 
-def bench_size(engine, frames: list[np.ndarray], size) -> dict:
+def bench_size(engine, frames: list[np.ndarray], size, map_side: int | None) -> dict:
+    """The pipeline's per-frame work at one frame size; ``map_side`` as ``PipelineConfig.map_side`` (None: maps at
+    the full frame size)."""
     from sonomaly import overlay
     from sonomaly.engines.processing import TemporalSmoother, postprocess, preprocess
     from sonomaly.stream.roi import RegionTracker
@@ -76,7 +82,7 @@ def bench_size(engine, frames: list[np.ndarray], size) -> dict:
         t2 = time.perf_counter_ns()
         raw_map, raw_score = engine.infer(x)
         t3 = time.perf_counter_ns()
-        amap, score = postprocess(raw_map, raw_score, region, engine.card, img.shape[:2])
+        amap, score = postprocess(raw_map, raw_score, region, engine.card, img.shape[:2], work_side=map_side)
         amap = smoother.update(amap, region)
         t4 = time.perf_counter_ns()
         out = overlay.compose(img, amap, region, score=score, style=style, hud_lines=["39.0 fps", "bench"])
@@ -90,7 +96,7 @@ def bench_size(engine, frames: list[np.ndarray], size) -> dict:
                         ("overlay", t4, t5), ("i420", t5, t6), ("total", t0, t6)):
             times[k].append((b - a) / 1e6)
     h, w = (frames[0].shape[:2] if size is None else (size[1], size[0]))
-    return {"size": f"{w}x{h}", "frames": len(times["total"]),
+    return {"size": f"{w}x{h}", "frames": len(times["total"]), "map_side": map_side,
             "stages": {k: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
                        for k, v in times.items()}}
 
@@ -101,17 +107,26 @@ def run(args) -> int:
     opts = {} if args.threads is None else {"threads": args.threads}
     engine = engines.load(args.model, backend="onnxruntime", **opts)
     frames = _frames(args.clip, args.frames + 10)
+    from sonomaly.stream.pipeline import PipelineConfig
+
+    try:
+        sides = ([PipelineConfig().map_side] if args.map_side is None else
+                 [int(v) or None for v in str(args.map_side).split(",")])
+    except ValueError:
+        raise SystemExit(f"--map-side wants integers, got {args.map_side!r}") from None
     rows = []
     for name in args.sizes.split(","):
         if name not in SIZES:
             raise SystemExit(f"unknown size {name!r}; choose from {', '.join(SIZES)}")
-        rows.append(bench_size(engine, frames, SIZES[name]))
+        for side in sides:
+            rows.append(bench_size(engine, frames, SIZES[name], side))
     stages = list(rows[0]["stages"])
-    print(f"{'size':>10} " + " ".join(f"{s:>15}" for s in stages))
-    print(f"{'':>10} " + " ".join(f"{'p50 / p99 ms':>15}" for _ in stages))
+    mapcol = lambda r: str(r["map_side"] or "full")
+    print(f"{'size':>10} {'map':>5} " + " ".join(f"{s:>15}" for s in stages))
+    print(f"{'':>10} {'':>5} " + " ".join(f"{'p50 / p99 ms':>15}" for _ in stages))
     for r in rows:
-        print(f"{r['size']:>10} " + " ".join(f"{r['stages'][s]['p50']:6.2f} / {r['stages'][s]['p99']:6.2f}"
-                                             for s in stages))
+        print(f"{r['size']:>10} {mapcol(r):>5} " + " ".join(f"{r['stages'][s]['p50']:6.2f} / {r['stages'][s]['p99']:6.2f}"
+                                                          for s in stages))
     result = {"benchmark": "pipeline", "model": engine.card.name, "backend": engine.backend,
               "clip": Path(args.clip).name, "machine": machine(), "results": rows,
               "date": time.strftime("%Y-%m-%d")}
@@ -121,11 +136,12 @@ def run(args) -> int:
                  f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, ONNX Runtime {m['onnxruntime']}, "
                  f"OpenCV {m['opencv']}. Model `{engine.card.name}` on {engine.backend}; clip `{result['clip']}` "
                  f"resized to each size; {args.frames} frames per size after 10 warm-up frames. "
-                 f"Command: `sonomaly bench pipeline --json benchmarks/pipeline.json --md benchmarks/pipeline.md` "
-                 f"({result['date']}).", "",
-                 "| size | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+                 f"Command: `sonomaly bench pipeline {' '.join(sys.argv[3:]) if sys.argv[1:3] == ['bench', 'pipeline'] else ''}` "
+                 f"({result['date']}). `map`: the heatmap's working size (longer side) in the worker and smoother; "
+                 f"`serve` uses {PipelineConfig().map_side}; `full` = the frame's own size.", "",
+                 "| size | map | " + " | ".join(stages) + " |", "|---|---|" + "---:|" * len(stages)]
         for r in rows:
-            lines.append(f"| {r['size']} | " + " | ".join(f"{r['stages'][s]['p50']:.2f} / {r['stages'][s]['p99']:.2f}"
+            lines.append(f"| {r['size']} | {mapcol(r)} | " + " | ".join(f"{r['stages'][s]['p50']:.2f} / {r['stages'][s]['p99']:.2f}"
                                                          for s in stages) + " |")
         lines += ["", "`total` is the work the pipeline's threads do for one frame (the worker does ROI to postprocess, "
                   "the composer overlay and I420; they run in parallel on different frames). Encoding and the network "
