@@ -125,7 +125,6 @@ def postprocess(
     The live pipeline uses this so that smoothing and the temporal filter cost the same at 1080p as at 450².
     """
     fh, fw = int(frame_shape[0]), int(frame_shape[1])
-    scale = 1.0
     if work_side and max(fh, fw) > int(work_side):
         scale = int(work_side) / max(fh, fw)
         region = _scaled_region(region, (max(1, round(fh * scale)), max(1, round(fw * scale))))

@@ -8,6 +8,7 @@ import numpy as np
 
 from sonomaly.overlay.draw import (
     DEFAULT_COLORMAP,
+    _amap,
     _as_bgr,
     blend_heatmap,
     draw_banner,
@@ -34,16 +35,6 @@ class OverlayStyle:
     hud_corner: str = "bottom_left"
 
 
-def _as_map(amap: np.ndarray) -> np.ndarray | None:
-    """2-D float32 map (frame-sized or smaller: the drawing functions stretch it over the frame); ``None`` if empty."""
-    amap = np.asarray(amap)
-    if amap.ndim == 3:
-        amap = amap[:, :, 0]
-    if amap.size == 0:
-        return None
-    return amap if amap.dtype == np.float32 else amap.astype(np.float32)
-
-
 def compose(image: np.ndarray, amap: np.ndarray | None, region: ScanRegion | None, *, score: float | None = None,
             style: OverlayStyle | None = None, hud_lines: Sequence[str] = (), banner: str | None = None,
             banner_level: str = "warn") -> np.ndarray:
@@ -62,8 +53,8 @@ def compose(image: np.ndarray, amap: np.ndarray | None, region: ScanRegion | Non
     mask = None
     if region is not None:
         mask = region.mask if region.frame_shape == (h, w) else None
-    a = None if amap is None else _as_map(amap)
-    if a is not None:
+    a = None if amap is None else _amap(amap)
+    if a is not None and a.size:
         blend_heatmap(out, a, mask, opacity=style.opacity, out=out, colormap=style.colormap)
         if style.contours:
             th = style.contour_thickness or max(1, int(round(2 * h / 720)))

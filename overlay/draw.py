@@ -176,10 +176,10 @@ def blend_heatmap(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     a = _amap(amap)
     if a.shape == (h, w):
         level = quantise(a[y : y + bh, x : x + bw], out=_scratch("level", (bh, bw), np.uint8))
-    else:  # quantise at the map's own size, then stretch the levels over the frame and take the box
-        full = cv2.resize(quantise(a), (w, h), interpolation=cv2.INTER_LINEAR)
-        level = _scratch("level", (bh, bw), np.uint8)
-        np.copyto(level, full[y : y + bh, x : x + bw])
+    else:  # quantise at the map's own size, then stretch the levels over the frame (a reused buffer) and take the box
+        full = cv2.resize(quantise(a), (w, h), dst=_scratch("stretch", (h, w), np.uint8),
+                          interpolation=cv2.INTER_LINEAR)
+        level = full[y : y + bh, x : x + bw]
     np.bitwise_and(level, m[y : y + bh, x : x + bw], out=level)  # outside the mask: level 0 -> alpha 0
     lx, ly, lw, lh = _nonzero_box(level)  # and only where the map is above zero
     if lw == 0 or lh == 0:

@@ -70,8 +70,6 @@ class AIResult:
     score: float
     region: ScanRegion
     stages: dict[str, tuple[int, int]]
-    frame_shape: tuple[int, int] = (0, 0)
-    """Shape of the frame the map belongs to (the map itself may be smaller: ``PipelineConfig.map_side``)."""
 
 
 @dataclass
@@ -302,8 +300,7 @@ class Pipeline:
             self.ai_frames += 1
             took_ms = (t4 - t) / 1e6
             self._ai_ms_ema = took_ms if self._ai_ms_ema is None else 0.8 * self._ai_ms_ema + 0.2 * took_ms
-            self.ai_slot.put(AIResult(frame.id, frame.t_capture_ns, t4, amap, score, region, stages,
-                                      frame.image.shape[:2]))
+            self.ai_slot.put(AIResult(frame.id, frame.t_capture_ns, t4, amap, score, region, stages))
 
     # ----------------------------------------------------------------------------------------------- composer
     def _compose_loop(self) -> None:
@@ -407,8 +404,9 @@ class Pipeline:
         draw = state == "ok" and cfg.overlay_enabled
         region = ai.region if ai is not None else self.tracker.current
         if region is None or region.frame_shape != frame.image.shape[:2]:
+            # no region of this frame's size (the frame size changed): a heatmap of the old size is not drawn
             region = ScanRegion.full(*frame.image.shape[:2])
-            draw = draw and ai is not None and ai.frame_shape == frame.image.shape[:2]
+            draw = False
         threshold = float(cfg.style.threshold)
         score = ai.score if (ai is not None and state == "ok") else None
         hud = self._hud_lines(frame) if cfg.hud else []

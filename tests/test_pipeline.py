@@ -116,7 +116,7 @@ def test_heatmaps_made_at_map_side_are_drawn_over_the_whole_frame(demo_clip, eng
         frame = p.out.latest().raw.copy()
     finally:
         p.stop()
-    h, w = ai.frame_shape
+    h, w = ai.region.frame_shape
     assert max(ai.amap.shape) == 160 and ai.amap.shape[0] / ai.amap.shape[1] == pytest.approx(h / w, rel=0.02)
     from sonomaly.engines.processing import postprocess, preprocess
 

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = parse_overrides(args.config)
             if args.real_lesions > 0:
                 cfg["real_p"] = args.real_lesions
-            build(args.family, **{**cfg, "size": [32, 32]})  # unknown keys and bad values fail here, before decoding
+            build(args.family, **{**cfg, "size": [args.size, args.size]})  # bad keys / values fail before decoding
         except (TypeError, ValueError) as e:
             print(f"sonomaly train: --config for {args.family}: {e}", file=sys.stderr)
             return 2

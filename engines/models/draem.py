@@ -58,7 +58,7 @@ class SyntheticSegmenter(nn.Module):
         # layers, so a one-member model keeps the state-dict keys it always had)
         more = []
         for i in range(1, self.members):
-            torch.manual_seed(self.seed + 1000 * i)
+            torch.manual_seed(self._member_seed(i))
             more.append(_UNet(self.widths))
         self.more = nn.ModuleList(more)
 
@@ -119,6 +119,10 @@ class SyntheticSegmenter(nn.Module):
     def member(self, i: int) -> nn.Module:
         return self if i == 0 else self.more[i - 1]
 
+    def _member_seed(self, i: int) -> int:
+        """Seed of member ``i``'s initialisation and of its training draws (member 0: the model's own seed)."""
+        return self.seed + 1000 * i
+
     def probability(self, img):
         """The map: the members' sigmoid probabilities averaged (and over a left-right flip with ``tta_flip``)."""
         views = [img, img.flip(-1)] if self.tta_flip else [img]
@@ -156,8 +160,8 @@ class SyntheticSegmenter(nn.Module):
     def _fit_member(self, i: int, batches, epochs: int, progress: bool, max_seconds) -> dict:
         net = self.member(i)
         params = [p for n, p in self.named_parameters() if not n.startswith("more.")] if i == 0 else list(net.parameters())
-        torch.manual_seed(self.seed + 1000 * i)
-        g = torch.Generator().manual_seed(self.seed + 1000 * i)
+        torch.manual_seed(self._member_seed(i))
+        g = torch.Generator().manual_seed(self._member_seed(i))
         opt = torch.optim.Adam(params, lr=self.lr)
         self.train()
 
