@@ -288,3 +288,25 @@ def test_pick_best_respects_the_latency_budget_at_the_shipping_size():
     lat = onnx_latency("draem", dict(FAST["draem"][0], members=2), size=SIZE, n=3)
     assert lat["params"] == 2 * onnx_latency("draem", FAST["draem"][0], size=SIZE, n=3)["params"]
     assert lat["ms_1t"] > 0 and lat["ms_2t"] > 0
+
+
+def test_bench_latency_only_times_every_label_at_the_size_with_its_own_config(tmp_path, capsys):
+    """``bench detectors --latency-only`` trains nothing: each label of the file gets an ``at_size`` timing of its
+    own configuration (a two-member label twice the parameters of the plain family), the runs stay as they were."""
+    import json
+
+    from sonomaly.tools.cli import main
+
+    runs = {"lung/draem/0": {"as_is": {}}, "lung/draem+ens2/0": {"as_is": {}}, "busi/classifier/0": {"as_is": {}}}
+    cfg = {"draem+ens2": {"lung": dict(FAST["draem"][0], members=2)}, "draem": {"lung": FAST["draem"][0]},
+           "classifier": {"lung": FAST["classifier"][0]}}
+    p = tmp_path / "d.json"
+    p.write_text(json.dumps({"runs": runs, "latency": {"draem": {"ms_1t": 5.0}}, "settings": {"configs": cfg}}))
+    assert main(["bench", "detectors", "--latency-only", "--size", str(SIZE), "--json", str(p)]) == 0
+    r = json.loads(p.read_text())
+    assert r["runs"] == runs and r["latency"]["draem"]["ms_1t"] == 5.0  # the 256² number is left alone
+    at = {k: v["at_size"] for k, v in r["latency"].items()}
+    assert set(at) == {"draem", "draem+ens2", "classifier"} and all(a["size"] == SIZE for a in at.values())
+    assert at["draem+ens2"]["params"] == 2 * at["draem"]["params"]
+    assert all(a["ms_1t"] > 0 and a["ms_2t"] > 0 for a in at.values())
+    assert main(["bench", "detectors", "--latency-only", "--json", str(tmp_path / "none.json")]) == 2
