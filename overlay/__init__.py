@@ -2,11 +2,12 @@
 
 Pure numpy/OpenCV functions on ``uint8`` BGR frames; see :mod:`sonomaly.overlay.draw` for the units of the anomaly map.
 """
-from sonomaly.overlay.compose import OverlayStyle, compose
+from sonomaly.overlay.compose import OverlayStyle, compose, layer_for
 from sonomaly.overlay.draw import (
     AMAP_MAX,
     DEFAULT_COLORMAP,
     banner_rect,
+    HeatLayer,
     blend_heatmap,
     colormap_lut,
     draw_banner,
@@ -15,6 +16,7 @@ from sonomaly.overlay.draw import (
     draw_hud,
     gauge_color,
     gauge_origin,
+    heat_layer,
     no_signal_frame,
     quantise,
 )
@@ -22,6 +24,7 @@ from sonomaly.overlay.draw import (
 __all__ = [
     "AMAP_MAX",
     "DEFAULT_COLORMAP",
+    "HeatLayer",
     "OverlayStyle",
     "banner_rect",
     "blend_heatmap",
@@ -33,6 +36,8 @@ __all__ = [
     "draw_hud",
     "gauge_color",
     "gauge_origin",
+    "heat_layer",
+    "layer_for",
     "no_signal_frame",
     "quantise",
 ]

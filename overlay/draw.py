@@ -149,6 +149,130 @@ def quantise(amap: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------- heatmap
+class HeatLayer:
+    """The heatmap of one anomaly map, and optionally its threshold contours, ready to draw over any number of frames
+    of ``shape``: inside ``box``, ``out = colour * alpha + frame * beta`` (``beta = 1 - alpha``); then the contour
+    polylines, anti-aliased, clipped to the mask.
+
+    Everything that depends only on the map (quantising, stretching and colouring it, tracing the contours) is done
+    once, in :func:`heat_layer`; :meth:`apply` is one weighted blend of the box and the strokes of the lines.  The live
+    pipeline makes one per AI result, in its AI worker, and draws it on every frame that shows that result."""
+
+    __slots__ = ("shape", "box", "colour", "alpha", "beta", "polys", "line_box", "line_mask", "line_style", "key")
+
+    def __init__(self, shape: tuple[int, int], box: tuple[int, int, int, int] = (0, 0, 0, 0),
+                 colour: np.ndarray | None = None, alpha: np.ndarray | None = None, beta: np.ndarray | None = None):
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.box = box
+        self.colour, self.alpha, self.beta = colour, alpha, beta
+        self.polys: list[np.ndarray] = []  # contours, :data:`_SHIFT` fractional bits, relative to ``line_box``
+        self.line_box = (0, 0, 0, 0)  # (x, y, w, h) in the frame
+        self.line_mask: np.ndarray | None = None  # the mask under ``line_box`` (255 / 0)
+        self.line_style: tuple = ()  # (colour, thickness, halo)
+        self.key = None  # what it was drawn with (set by the compositor, which checks it before reuse)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to draw (a map at or below zero everywhere inside the mask, and no contour)."""
+        return self.colour is None and not self.polys
+
+    def apply(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Draw over ``image`` (a frame of :attr:`shape`); ``out`` as in :func:`blend_heatmap` (may be ``image``)."""
+        src = _as_bgr(image)
+        if src.shape[:2] != self.shape:
+            raise ValueError(f"layer made for frames of {self.shape}, got {src.shape[:2]}")
+        if out is None:
+            out = src.copy()
+        elif out is not src:
+            if out.shape != src.shape or out.dtype != np.uint8:
+                raise ValueError("out must be a uint8 frame shaped like image")
+            np.copyto(out, src)
+        if self.colour is not None:
+            x, y, bw, bh = self.box
+            sub = out[y : y + bh, x : x + bw]
+            if self.alpha.size < _CV_MIN:  # tiny: numpy (same arithmetic)
+                alpha = self.alpha[:, :, None]
+                res = np.rint((self.colour * alpha + sub * self.beta[:, :, None]) / np.float32(1.0 + 1e-5))
+                np.copyto(sub, np.clip(res, 0, 255).astype(np.uint8), where=alpha > 0)
+            else:  # (colour * alpha + sub * beta) / (alpha + beta + eps): where alpha == 0 this rounds back to sub
+                sub[...] = cv2.blendLinear(self.colour, sub, self.alpha, self.beta,
+                                           dst=_scratch("blend", (bh, bw, 3), np.uint8))
+        if self.polys:
+            # draw on a copy of just the contours' box, then copy it back through the mask (nothing lands outside)
+            x, y, bw, bh = self.line_box
+            color, thickness, halo = self.line_style
+            sub = out[y : y + bh, x : x + bw]
+            drawn = _scratch("lines", sub.shape, np.uint8)
+            np.copyto(drawn, sub)
+            if halo:
+                cv2.polylines(drawn, self.polys, True, (0, 0, 0), thickness + 2, cv2.LINE_AA, _SHIFT)
+            cv2.polylines(drawn, self.polys, True, color, thickness, cv2.LINE_AA, _SHIFT)
+            if drawn.size >= _CV_MIN:
+                cv2.copyTo(drawn, self.line_mask, dst=sub)
+            else:
+                np.copyto(sub, drawn, where=self.line_mask[:, :, None] > 0)
+        return out
+
+
+def heat_layer(amap: np.ndarray, mask: np.ndarray | None, shape: tuple[int, int], *, opacity: float = 0.6,
+               colormap: int = DEFAULT_COLORMAP, heat: bool = True, contour_level: float | None = None,
+               contour_color=WHITE, contour_thickness: int = 2, halo: bool = True,
+               scratch: bool = False) -> HeatLayer:
+    """The :class:`HeatLayer` of ``amap`` for frames of ``shape``: the heatmap of :func:`blend_heatmap` (unless
+    ``heat=False``) and, with ``contour_level``, the contours of :func:`draw_contours` over it, inside ``mask`` only.
+
+    ``scratch=True`` keeps the heat's arrays in this thread's reused buffers: valid until the next call on the same
+    thread (one-frame use); by default the layer owns its arrays and can be handed to another thread."""
+    h, w = int(shape[0]), int(shape[1])
+    layer = HeatLayer((h, w))
+    if h == 0 or w == 0:
+        return layer
+    buf = _scratch if scratch else (lambda name, shp, dt: np.empty(shp, dt))
+    m = _mask255(mask, (h, w))
+    x, y, bw, bh = _nonzero_box(m)  # work only inside the scan region's box
+    if bw == 0 or bh == 0:
+        return layer
+    a = _amap(amap)
+    m_box = m[y : y + bh, x : x + bw]
+    if heat:
+        if a.shape == (h, w):
+            level = quantise(a[y : y + bh, x : x + bw], out=_scratch("level", (bh, bw), np.uint8))
+        else:  # quantise at the map's own size, then stretch the levels over the frame (a reused buffer), take the box
+            full = cv2.resize(quantise(a), (w, h), dst=_scratch("stretch", (h, w), np.uint8),
+                              interpolation=cv2.INTER_LINEAR)
+            level = full[y : y + bh, x : x + bw]
+        np.bitwise_and(level, m_box, out=level)  # outside the mask: level 0 -> alpha 0
+        lx, ly, lw, lh = _nonzero_box(level)  # and only where the map is above zero
+        if lw and lh:
+            level = np.ascontiguousarray(level[ly : ly + lh, lx : lx + lw])  # scratch "level" is reused
+            lut = _alpha_lut(float(min(max(opacity, 0.0), 1.0)))
+            cmap = colormap_lut(colormap)
+            if level.size < _CV_MIN:
+                alpha, colour = lut[0, level], cmap[level, 0]
+                beta = np.float32(1.0) - alpha
+            else:
+                alpha = cv2.LUT(level, lut, dst=buf("alpha", (lh, lw), np.float32))  # exactly 0 at level 0
+                beta = cv2.subtract(1.0, alpha, dst=buf("beta", (lh, lw), np.float32))
+                level3 = cv2.merge((level, level, level), dst=_scratch("level3", (lh, lw, 3), np.uint8))
+                colour = cv2.LUT(level3, cmap, dst=buf("colour", (lh, lw, 3), np.uint8))
+            layer.box, layer.colour, layer.alpha, layer.beta = (x + lx, y + ly, lw, lh), colour, alpha, beta
+    if contour_level is not None:
+        polys = _contour_polylines(a, (h, w), (x, y, bw, bh), float(contour_level))
+        if polys:
+            th = max(1, int(contour_thickness))
+            allp = np.concatenate(polys).reshape(-1, 2) >> _SHIFT
+            grow = th + 3
+            rx0, ry0 = (max(0, int(v) - grow) for v in allp.min(axis=0))
+            rx1, ry1 = min(bw, int(allp[:, 0].max()) + grow + 1), min(bh, int(allp[:, 1].max()) + grow + 1)
+            if rx1 > rx0 and ry1 > ry0:
+                off = np.array([rx0, ry0], np.int32) << _SHIFT
+                layer.polys = [c - off for c in polys]
+                layer.line_box = (x + rx0, y + ry0, rx1 - rx0, ry1 - ry0)
+                layer.line_mask = np.ascontiguousarray(m_box[ry0:ry1, rx0:rx1])
+                layer.line_style = (tuple(int(c) for c in contour_color), th, bool(halo))
+    return layer
+
+
 def blend_heatmap(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, *, opacity: float = 0.6,
                   out: np.ndarray | None = None, colormap: int = DEFAULT_COLORMAP) -> np.ndarray:
     """Blend the colour-mapped anomaly map over ``image`` where ``mask > 0``.
@@ -159,49 +283,8 @@ def blend_heatmap(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     frame is stretched over the whole frame (bilinear, after quantising: cheap at any frame size).
     """
     src = _as_bgr(image)
-    h, w = src.shape[:2]
-    if out is None:
-        out = src.copy()
-    elif out is not src:
-        if out.shape != src.shape or out.dtype != np.uint8:
-            raise ValueError("out must be a uint8 frame shaped like image")
-        np.copyto(out, src)
-    if h == 0 or w == 0:
-        return out
-    m = _mask255(mask, (h, w))
-    x, y, bw, bh = _nonzero_box(m)  # work only inside the scan region's box
-    if bw == 0 or bh == 0:
-        return out
-    opacity = float(min(max(opacity, 0.0), 1.0))
-    a = _amap(amap)
-    if a.shape == (h, w):
-        level = quantise(a[y : y + bh, x : x + bw], out=_scratch("level", (bh, bw), np.uint8))
-    else:  # quantise at the map's own size, then stretch the levels over the frame (a reused buffer) and take the box
-        full = cv2.resize(quantise(a), (w, h), dst=_scratch("stretch", (h, w), np.uint8),
-                          interpolation=cv2.INTER_LINEAR)
-        level = full[y : y + bh, x : x + bw]
-    np.bitwise_and(level, m[y : y + bh, x : x + bw], out=level)  # outside the mask: level 0 -> alpha 0
-    lx, ly, lw, lh = _nonzero_box(level)  # and only where the map is above zero
-    if lw == 0 or lh == 0:
-        return out
-    if (lw, lh) != (bw, bh):
-        level = np.ascontiguousarray(level[ly : ly + lh, lx : lx + lw])  # small copy; scratch "level" is reused
-        x, y, bw, bh = x + lx, y + ly, lw, lh
-    sub = out[y : y + bh, x : x + bw]
-    lut = _alpha_lut(opacity)
-    if level.size < _CV_MIN:  # tiny: numpy (same arithmetic)
-        alpha = lut[0, level][:, :, None]
-        colour = colormap_lut(colormap)[level, 0].astype(np.float32)
-        res = np.rint((colour * alpha + sub * (1.0 - alpha)) / np.float32(1.0 + 1e-5))
-        np.copyto(sub, np.clip(res, 0, 255).astype(np.uint8), where=alpha > 0)
-        return out
-    alpha = cv2.LUT(level, lut, dst=_scratch("alpha", (bh, bw), np.float32))  # exactly 0 at level 0
-    beta = cv2.subtract(1.0, alpha, dst=_scratch("beta", (bh, bw), np.float32))
-    level3 = cv2.merge((level, level, level), dst=_scratch("level3", (bh, bw, 3), np.uint8))
-    colour = cv2.LUT(level3, colormap_lut(colormap), dst=_scratch("colour", (bh, bw, 3), np.uint8))
-    # (colour * alpha + sub * (1 - alpha)) / (1 + eps): where alpha == 0 this rounds back to sub exactly
-    sub[...] = cv2.blendLinear(colour, sub, alpha, beta, dst=_scratch("blend", (bh, bw, 3), np.uint8))
-    return out
+    layer = heat_layer(amap, mask, src.shape[:2], opacity=opacity, colormap=colormap, scratch=True)
+    return layer.apply(src, out=out)
 
 
 def _nonzero_box(a: np.ndarray) -> tuple[int, int, int, int]:
@@ -236,14 +319,17 @@ def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     A map smaller than the frame is stretched over the whole frame (traced at its own size).
     """
     out = _target(image, inplace)
-    h, w = out.shape[:2]
-    if h == 0 or w == 0:
-        return out
-    m = _mask255(mask, (h, w))
-    x, y, bw, bh = _nonzero_box(m)
-    if bw == 0 or bh == 0:
-        return out
-    a, (sx, ox, sy, oy) = _map_window(_amap(amap), (h, w), (x, y, bw, bh))
+    layer = heat_layer(amap, mask, out.shape[:2], heat=False, contour_level=level, contour_color=color,
+                       contour_thickness=thickness, halo=halo)
+    return layer.apply(out, out=out)
+
+
+def _contour_polylines(a: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int, int],
+                       level: float) -> list[np.ndarray]:
+    """The crossings of ``level`` in map ``a`` (frame-sized or smaller, stretched over ``shape``) under the frame box
+    ``(x, y, w, h)``, as closed polylines in box coordinates with :data:`_SHIFT` fractional bits (for
+    ``cv2.polylines``); single-pixel noise dropped; ``[]`` when the map stays on one side of the level."""
+    a, (sx, ox, sy, oy) = _map_window(a, shape, box)
     # Trace on a copy of at most ~_CONTOUR_SIDE px (smoother lines, bounded cost on noisy maps), draw at full size.
     ah0, aw0 = a.shape
     f = max(1, int(np.ceil(max(aw0, ah0) / _CONTOUR_SIDE)))
@@ -253,8 +339,7 @@ def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     above = np.greater_equal(a, np.float32(level)).view(np.uint8)  # NaN -> below
     n_above = int(np.count_nonzero(above))
     if n_above == 0 or n_above == above.size:
-        return out
-    thickness = max(1, int(thickness))
+        return []
     pad = 4  # replicate past the border so the frame edge never reads as a crossing
     padded = cv2.copyMakeBorder(above, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     contours, _ = cv2.findContours(padded, cv2.RETR_LIST, cv2.CHAIN_APPROX_TC89_L1, offset=(-pad, -pad))
@@ -264,34 +349,12 @@ def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
         _, _, cw, ch = cv2.boundingRect(c)
         if cw * ch >= _CONTOUR_MIN_BOX:
             keep.append(c)
-    if not keep:
-        return out
-    shift = 3
-    scale = np.array([sx, sy]) * (1 << shift)
-    offset = (np.array([sx, sy]) * 0.5 + np.array([ox, oy]) - 0.5) * (1 << shift)
-    keep = [np.round(c.reshape(-1, 2) * scale + offset).astype(np.int32).reshape(-1, 1, 2) for c in keep]
-    # draw on a copy of just the contours' box, then copy it back through the mask (nothing lands outside the scan)
-    allp = np.concatenate(keep).reshape(-1, 2) >> shift
-    grow = thickness + 3
-    rx0, ry0 = (max(0, int(v) - grow) for v in allp.min(axis=0))
-    rx1, ry1 = min(bw, int(allp[:, 0].max()) + grow + 1), min(bh, int(allp[:, 1].max()) + grow + 1)
-    if rx1 <= rx0 or ry1 <= ry0:
-        return out
-    sub = out[y + ry0 : y + ry1, x + rx0 : x + rx1]
-    drawn = sub.copy()
-    off = np.array([rx0, ry0], np.int32) << shift
-    keep = [c - off for c in keep]
-    if halo:
-        cv2.polylines(drawn, keep, True, (0, 0, 0), thickness + 2, cv2.LINE_AA, shift)
-    cv2.polylines(drawn, keep, True, tuple(int(c) for c in color), thickness, cv2.LINE_AA, shift)
-    m_sub = m[y + ry0 : y + ry1, x + rx0 : x + rx1]
-    if drawn.size >= _CV_MIN:
-        cv2.copyTo(drawn, m_sub, dst=sub)
-    else:
-        np.copyto(sub, drawn, where=m_sub[:, :, None] > 0)
-    return out
+    scale = np.array([sx, sy]) * (1 << _SHIFT)
+    offset = (np.array([sx, sy]) * 0.5 + np.array([ox, oy]) - 0.5) * (1 << _SHIFT)
+    return [np.round(c.reshape(-1, 2) * scale + offset).astype(np.int32).reshape(-1, 1, 2) for c in keep]
 
 
+_SHIFT = 3  # fractional bits of contour coordinates
 _CONTOUR_SIDE = 320
 _CONTOUR_MIN_BOX = 4
 

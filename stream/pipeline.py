@@ -70,6 +70,8 @@ class AIResult:
     score: float
     region: ScanRegion
     stages: dict[str, tuple[int, int]]
+    layer: overlay.HeatLayer | None = None
+    """The heatmap and contours drawn once for this result (the composer blends it over each frame that shows it)."""
 
 
 @dataclass
@@ -285,6 +287,12 @@ class Pipeline:
                     amap = self._smoother.update(amap, region)
                 t4 = now_ns()
                 stages["postprocess"] = (t3, t4)
+                layer = None
+                if self.config.overlay_enabled:
+                    layer = overlay.layer_for(amap, region, frame.image.shape[:2], self.config.style)
+                    t5 = now_ns()
+                    stages["layer"] = (t4, t5)
+                    t4 = t5
             except Exception as exc:  # no model exception ever stops the video
                 self.ai_errors += 1
                 self.ai_failing = True
@@ -300,7 +308,7 @@ class Pipeline:
             self.ai_frames += 1
             took_ms = (t4 - t) / 1e6
             self._ai_ms_ema = took_ms if self._ai_ms_ema is None else 0.8 * self._ai_ms_ema + 0.2 * took_ms
-            self.ai_slot.put(AIResult(frame.id, frame.t_capture_ns, t4, amap, score, region, stages))
+            self.ai_slot.put(AIResult(frame.id, frame.t_capture_ns, t4, amap, score, region, stages, layer))
 
     # ----------------------------------------------------------------------------------------------- composer
     def _compose_loop(self) -> None:
@@ -414,6 +422,7 @@ class Pipeline:
             frame.image,
             ai.amap if draw else None,
             region,
+            layer=ai.layer if draw else None,
             score=score if cfg.overlay_enabled else None,
             style=cfg.style,
             hud_lines=hud,

@@ -20,6 +20,8 @@ from sonomaly.overlay import (
     draw_hud,
     gauge_color,
     gauge_origin,
+    heat_layer,
+    layer_for,
     no_signal_frame,
     quantise,
 )
@@ -315,3 +317,59 @@ def test_odd_sizes_do_not_crash(h, w):
     draw_hud(img, ["a"])
     draw_banner(img, "AI OFF", level="off")
     no_signal_frame(h, w, detail="x")
+
+
+# --------------------------------------------------------------------------------------------------------- HeatLayer
+@SETTINGS
+@given(h=st.integers(1, 90), w=st.integers(1, 90), seed=st.integers(0, 10_000), small=st.booleans(),
+       opacity=st.floats(0.0, 1.0), thickness=st.integers(1, 4))
+def test_heat_layer_draws_exactly_what_blend_and_contours_draw(h, w, seed, small, opacity, thickness):
+    """One layer made per map, drawn on several frames, gives each frame exactly the pixels of blending the map and
+    drawing its contours on that frame (frame-sized maps and smaller ones stretched over the frame)."""
+    rng = np.random.default_rng(seed)
+    mh, mw = (max(1, h // 3), max(1, w // 3)) if small else (h, w)
+    amap = cv2.GaussianBlur(rng.normal(0.5, 1.0, (mh, mw)).astype(np.float32), (0, 0), 1.5)
+    mask = (rng.random((h, w)) > 0.2).astype(np.uint8) * 255 if seed % 2 else None
+    level = float(rng.uniform(0.2, 1.2))
+    layer = heat_layer(amap, mask, (h, w), opacity=opacity, contour_level=level, contour_thickness=thickness)
+    for i in range(3):
+        img = speckle_frame(h, w, seed + i)
+        ref = draw_contours(blend_heatmap(img, amap, mask, opacity=opacity), amap, mask, level=level,
+                            thickness=thickness)
+        assert np.array_equal(layer.apply(img), ref)
+        buf = img.copy()
+        assert layer.apply(buf, out=buf) is buf and np.array_equal(buf, ref)
+    with pytest.raises(ValueError, match="layer made for"):
+        layer.apply(speckle_frame(h + 1, w))
+
+
+def test_heat_layer_owns_its_arrays_unless_scratch():
+    """A default layer can be handed to another thread: making the next one does not change it."""
+    img = speckle_frame(64, 80)
+    a1, a2 = blob(64, 80, 20, 30, 8, 1.4), blob(64, 80, 60, 20, 8, 1.4)
+    first = heat_layer(a1, None, (64, 80), contour_level=1.0)
+    before = first.apply(img)
+    heat_layer(a2, None, (64, 80), contour_level=1.0)
+    heat_layer(a2, None, (64, 80), contour_level=1.0, scratch=True)
+    assert np.array_equal(first.apply(img), before)
+    assert heat_layer(np.zeros((64, 80), np.float32), None, (64, 80), contour_level=1.0).empty
+    assert not first.empty
+
+
+def test_compose_uses_a_layer_only_for_its_frame_size_and_style():
+    region = sector_region(120, 160)
+    img = speckle_frame(120, 160)
+    amap = blob(120, 160, 80, 60, 15, 1.5)
+    style = OverlayStyle()
+    layer = layer_for(amap, region, (120, 160), style)
+    assert np.array_equal(compose(img, amap, region, style=style, layer=layer), compose(img, amap, region, style=style))
+    # a stale layer (another map) is used as it is while the style matches: that is what it is for
+    other = layer_for(blob(120, 160, 40, 90, 10, 1.5), region, (120, 160), style)
+    assert np.array_equal(compose(img, amap, region, style=style, layer=other),
+                          compose(img, blob(120, 160, 40, 90, 10, 1.5), region, style=style))
+    # after a style change (opacity, threshold) or for another frame size the layer is not used
+    changed = OverlayStyle(opacity=0.3, threshold=0.8)
+    assert np.array_equal(compose(img, amap, region, style=changed, layer=layer),
+                          compose(img, amap, region, style=changed))
+    big = speckle_frame(240, 320)
+    assert np.array_equal(compose(big, amap, None, style=style, layer=layer), compose(big, amap, None, style=style))

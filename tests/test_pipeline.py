@@ -133,6 +133,33 @@ def test_heatmaps_made_at_map_side_are_drawn_over_the_whole_frame(demo_clip, eng
     assert np.array_equal(a[~inside], frame[~inside]) and np.array_equal(b[~inside], frame[~inside])
 
 
+def test_worker_draws_each_heatmap_once_as_a_layer(demo_clip, engine):
+    """The AI worker hands the composer each result's heatmap and contours as a layer (stage ``layer``): drawn with it,
+    a frame looks exactly as composed from the map alone; with the overlay off no layer is made."""
+    from sonomaly import overlay
+
+    p = Pipeline(source(demo_clip), engine, PipelineConfig())
+    p.start()
+    try:
+        assert _wait(lambda: p.ai_slot.peek()[1] is not None and p.out.latest() is not None)
+        ai = p.ai_slot.peek()[1]
+        frame = p.out.latest().raw.copy()
+        assert _wait(lambda: any("layer" in r["stages_ms"] for r in list(p.records)))
+    finally:
+        p.stop()
+    assert ai.layer is not None and ai.layer.shape == ai.region.frame_shape == frame.shape[:2]
+    style = p.config.style
+    a = overlay.compose(frame, ai.amap, ai.region, style=style, layer=ai.layer)
+    assert np.array_equal(a, overlay.compose(frame, ai.amap, ai.region, style=style))
+    q = Pipeline(source(demo_clip), engine, PipelineConfig(overlay_enabled=False))
+    q.start()
+    try:
+        assert _wait(lambda: q.ai_slot.peek()[1] is not None)
+        assert q.ai_slot.peek()[1].layer is None
+    finally:
+        q.stop()
+
+
 def _wait(pred, timeout: float = 10.0) -> bool:
     t = time.monotonic() + timeout
     while time.monotonic() < t:

@@ -63,10 +63,10 @@ SERIAL_STAGES = {
     "sonomaly": ("grab", "ai_wait", "overlay"),
     "naive": ("queue", "roi", "preprocess", "infer", "postprocess", "overlay"),
 }
-PARALLEL_STAGES = {"sonomaly": ("roi", "preprocess", "infer", "postprocess"), "naive": ()}
+PARALLEL_STAGES = {"sonomaly": ("roi", "preprocess", "infer", "postprocess", "layer"), "naive": ()}
 STAGE_COLORS = {
     "grab": "#17becf", "queue": "#c5b0d5", "ai_wait": "#bcbd22", "roi": "#2ca02c", "preprocess": "#98df8a",
-    "infer": "#d62728", "postprocess": "#ff9896", "overlay": "#1f77b4", "other server": "#c7c7c7",
+    "infer": "#d62728", "postprocess": "#ff9896", "layer": "#aec7e8", "overlay": "#1f77b4", "other server": "#c7c7c7",
     "encode": "#e377c2", "send+network": "#ff7f0e", "jitter+decode": "#9467bd", "paint": "#8c564b",
     "jitter+decode+paint": "#9467bd",
     "encode+network+decode": "#9467bd",
