@@ -62,7 +62,7 @@ def test_bench_pipeline_writes_json(tmp_path, lung_model, demo_clip):
         ("450x450", 200), ("450x450", None), ("640x480", 200), ("640x480", None)]
     for row in data["results"]:
         st = row["stages"]
-        assert set(st) == {"roi", "preprocess", "infer", "postprocess", "overlay", "i420", "total"}
+        assert set(st) == {"roi", "preprocess", "infer", "postprocess", "layer", "overlay", "i420", "total"}
         assert all(0 < v["p50"] <= v["p99"] for v in st.values())
         assert st["total"]["p50"] >= st["infer"]["p50"]
     assert data["machine"]["cores"] >= 1 and "450x450" in r.stdout
