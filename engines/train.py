@@ -709,13 +709,16 @@ def _jsonable(o):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the shipped defaults (models/lung, models/breast), chosen from the detector benchmark
-def pick_best(bench: dict, dataset: str, max_ms: float = 10.0, size: int = 256, tie: float = 0.01) -> str:
-    """Best family for ``dataset`` in ``benchmarks/detectors.json`` within the latency budget (ORT, 1 or 2 threads) at
-    the input ``size`` the default will ship at (the 256² numbers, or the benchmark size's where it was measured).
+def pick_best(bench: dict, dataset: str, max_ms: float = 10.0, size: int | None = None, tie: float = 0.01) -> str:
+    """Best family label for ``dataset`` in ``benchmarks/detectors.json`` within the latency budget (ORT, 1 or 2
+    threads) at the size the default will ship at: by default each label's own benchmark size (where its accuracy was
+    measured; ``settings.sizes``), or one ``size`` for every label (the 256² numbers, or the ``at_size`` ones).
 
     breast: mean of image AUROC, pixel AUROC, Dice and peak hit rate; lung: mean of the brightness-matched frame and clip
     AUROC (the as-is numbers can be inflated by the brightness shortcut).  Candidates within ``tie`` of the best value
     count as equal (the split-to-split sd is far larger) and the fastest of them on one thread wins."""
+    from sonomaly.tools.bench_detectors import label_size
+
     cands = []
     for key, r in bench.get("summary", {}).items():
         if r["dataset"] != dataset:
@@ -723,8 +726,9 @@ def pick_best(bench: dict, dataset: str, max_ms: float = 10.0, size: int = 256, 
         if dataset == "lung" and r["variant"] != "brightness_matched":
             continue
         lat = bench.get("latency", {}).get(r["family"], bench.get("latency", {}).get(r["family"].split("+")[0], {}))
-        if size != 256:
-            if lat.get("at_size", {}).get("size") != size:
+        at = size or label_size(bench, r["family"])
+        if at != 256:
+            if lat.get("at_size", {}).get("size") != at:
                 continue  # not timed at that size: cannot say it fits
             lat = lat["at_size"]
         if min(lat.get("ms_1t", 0), lat.get("ms_2t", 0)) > max_ms:
@@ -806,19 +810,14 @@ def _write_model_readme(out_dir: Path, card: ModelCard, organ: str, bench_rows: 
     (out_dir / "README.md").write_text("\n".join(lines) + "\n")
 
 
-# input size each default ships at: breast at the benchmark's own size (its accuracy was measured there, and the
-# two-member ensemble with mirror averaging fits the 10-ms budget there: 5.3 ms, against 19.5 ms at 256²); lung at
-# 128² too (its accuracy was measured there; 1.5 ms against 5.2 at 256², CPU that the live viewers need)
-DEFAULT_SIZES = {"breast": 128, "lung": 128}
-
-
 def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | Path | None = None,
                    organs: Sequence[str] = ("breast", "lung"), size: int | None = None, seed: int = 0,
                    progress: bool = True, max_seconds: float = 840.0) -> dict[str, str]:
     """Train the benchmark's best family per organ on all training data and write ``models/<organ>``.
 
-    ``size``: the input size for every organ (default: :data:`DEFAULT_SIZES`); the family is the best one that fits
-    the latency budget at that size (:func:`pick_best`)."""
+    ``size``: one input size for every organ; by default each default ships at the size its benchmark label was
+    trained and evaluated at (its accuracy was measured there), and the label is the best one that fits the latency
+    budget at that size (:func:`pick_best`)."""
     import math
     import shutil
     import tempfile
@@ -826,15 +825,15 @@ def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | 
     data_dir = Path(data_dir)
     repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
     bench = json.loads(Path(bench_json).read_text())
-    from sonomaly.tools.bench_detectors import STEPS, family_config
+    from sonomaly.tools.bench_detectors import STEPS, family_config, label_size
 
     rows = read_manifest(data_dir)
     chosen = {}
     fixed_size = size
     for organ in organs:
-        size = fixed_size or DEFAULT_SIZES[organ]
         ds = "busi" if organ == "breast" else "lung"
-        label = pick_best(bench, ds, size=size)
+        label = pick_best(bench, ds, size=fixed_size)
+        size = fixed_size or label_size(bench, label)
         fam = label.split("+")[0]
         # the configuration the benchmark ran under this label (a tagged variant may override the family's defaults)
         cfg = bench.get("settings", {}).get("configs", {}).get(label, {}).get(ds) or family_config(fam, ds)
@@ -867,7 +866,7 @@ def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | 
             if r["dataset"] == ds and r["family"] == label:
                 bench_rows[r["dataset_label"]] = r["agg"]
         card.metrics["benchmark"] = {"what": "benchmarks/detectors.json summary for this family (retrained per split)",
-                                     "size": bench.get("settings", {}).get("size"), "rows": bench_rows}
+                                     "size": label_size(bench, label), "rows": bench_rows}
         if organ == "lung":
             normal = [Source(data_dir / r["path"], r["group"], "normal") for r in rows
                       if r["organ"] == "lung" and r["kind"] == "video" and r["label"] == "normal"]

@@ -275,8 +275,17 @@ def test_pick_best_respects_the_latency_budget_at_the_shipping_size():
         "latency": {"draem+ens": {"ms_1t": 21.0, "ms_2t": 14.0, "at_size": {"size": 128, "ms_1t": 5.2, "ms_2t": 4.0}},
                     "draem": {"ms_1t": 5.0, "ms_2t": 3.5, "at_size": {"size": 128, "ms_1t": 1.3, "ms_2t": 1.1}},
                     "classifier": {"ms_1t": 12.0, "ms_2t": 11.0}}}
-    assert pick_best(bench, "busi") == "draem"
+    assert pick_best(bench, "busi", size=256) == "draem"
     assert pick_best(bench, "busi", size=128) == "draem+ens"
+    # by default each label is judged at its own benchmark size (settings.sizes; else settings.size)
+    bench["settings"] = {"size": 128}
+    assert pick_best(bench, "busi") == "draem+ens"
+    bench["settings"]["sizes"] = {"draem+ens": 160}  # benchmarked at 160², timed only at 128²: cannot ship
+    assert pick_best(bench, "busi") == "draem"  # classifier has no 128² timing
+    bench["latency"]["draem+ens"]["at_size"] = {"size": 160, "ms_1t": 8.5, "ms_2t": 9.5}
+    assert pick_best(bench, "busi") == "draem+ens"
+    del bench["settings"]
+    bench["latency"]["draem+ens"]["at_size"] = {"size": 128, "ms_1t": 5.2, "ms_2t": 4.0}
     bench["latency"]["draem+ens"]["at_size"]["ms_1t"] = 10.5
     bench["latency"]["draem+ens"]["at_size"]["ms_2t"] = 11.0
     assert pick_best(bench, "busi", size=128) == "draem"
@@ -292,7 +301,8 @@ def test_pick_best_respects_the_latency_budget_at_the_shipping_size():
 
 def test_bench_latency_only_times_every_label_at_the_size_with_its_own_config(tmp_path, capsys):
     """``bench detectors --latency-only`` trains nothing: each label of the file gets an ``at_size`` timing of its
-    own configuration (a two-member label twice the parameters of the plain family), the runs stay as they were."""
+    own configuration (a two-member label twice the parameters of the plain family) at the size it was benchmarked
+    at, the runs stay as they were."""
     import json
 
     from sonomaly.tools.cli import main
@@ -301,12 +311,14 @@ def test_bench_latency_only_times_every_label_at_the_size_with_its_own_config(tm
     cfg = {"draem+ens2": {"lung": dict(FAST["draem"][0], members=2)}, "draem": {"lung": FAST["draem"][0]},
            "classifier": {"lung": FAST["classifier"][0]}}
     p = tmp_path / "d.json"
-    p.write_text(json.dumps({"runs": runs, "latency": {"draem": {"ms_1t": 5.0}}, "settings": {"configs": cfg}}))
-    assert main(["bench", "detectors", "--latency-only", "--size", str(SIZE), "--json", str(p)]) == 0
+    settings = {"configs": cfg, "size": SIZE, "sizes": {"classifier": 2 * SIZE}}
+    p.write_text(json.dumps({"runs": runs, "latency": {"draem": {"ms_1t": 5.0}}, "settings": settings}))
+    assert main(["bench", "detectors", "--latency-only", "--json", str(p)]) == 0
     r = json.loads(p.read_text())
     assert r["runs"] == runs and r["latency"]["draem"]["ms_1t"] == 5.0  # the 256² number is left alone
     at = {k: v["at_size"] for k, v in r["latency"].items()}
-    assert set(at) == {"draem", "draem+ens2", "classifier"} and all(a["size"] == SIZE for a in at.values())
+    assert set(at) == {"draem", "draem+ens2", "classifier"}
+    assert at["draem"]["size"] == at["draem+ens2"]["size"] == SIZE and at["classifier"]["size"] == 2 * SIZE
     assert at["draem+ens2"]["params"] == 2 * at["draem"]["params"]
     assert all(a["ms_1t"] > 0 and a["ms_2t"] > 0 for a in at.values())
     assert main(["bench", "detectors", "--latency-only", "--json", str(tmp_path / "none.json")]) == 2

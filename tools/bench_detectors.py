@@ -253,8 +253,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", action="store_true", help="merge into an existing --json instead of replacing it")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--latency-only", action="store_true",
-                   help="train nothing: time every label already in --json at --size (its 'at_size' entry) with the "
-                        "label's own configuration, and rewrite the file")
+                   help="train nothing: time every label already in --json at the size it was benchmarked at (its "
+                        "'at_size' entry) with the label's own configuration, and rewrite the file")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -275,7 +275,7 @@ def run(args) -> int:
     overrides = parse_overrides(args.config)
     out_path = Path(args.json)
     if args.latency_only:
-        return retime_at_size(out_path, args.size)
+        return retime_at_size(out_path)
     results = json.loads(out_path.read_text()) if args.merge and out_path.exists() else {"runs": {}, "latency": {}}
     work = Path(tempfile.mkdtemp(prefix="sonomaly_bench_"))
     try:
@@ -314,7 +314,9 @@ def run(args) -> int:
                           "python": platform.python_version(), "torch": torch.__version__,
                           "note": note or "2 cores; heavy runs serialised with flock"}
     prev = results.get("settings", {})
-    results["settings"] = {**prev, "size": args.size, "seeds": seeds,
+    labels = [f"{f}+{args.tag}" if args.tag else f for f in fams]
+    results["settings"] = {**prev, "size": prev.get("size", args.size), "seeds": seeds,
+                           "sizes": {**prev.get("sizes", {}), **{lb: args.size for lb in labels}},
                            "configs": {**prev.get("configs", {}),
                                        **{(f"{f}+{args.tag}" if args.tag else f):
                                           {d: {**family_config(f, d), **overrides} for d in ("busi", "lung")}
@@ -327,8 +329,14 @@ def run(args) -> int:
     return 0
 
 
-def retime_at_size(path: Path, size: int) -> int:
-    """``--latency-only``: every label of ``path`` timed at ``size``² (a default may ship at a size other than 256²)."""
+def label_size(results: dict, label: str) -> int:
+    """The input size ``label`` was trained and evaluated at (``settings.sizes``; older files: ``settings.size``)."""
+    st = results.get("settings", {})
+    return int(st.get("sizes", {}).get(label) or st.get("size") or 128)
+
+
+def retime_at_size(path: Path) -> int:
+    """``--latency-only``: every label of ``path`` timed at the size it was benchmarked at (a default ships there)."""
     if not path.exists():
         print(f"bench detectors: {path} not found (--latency-only times the labels of an existing file)",
               file=sys.stderr)
@@ -339,6 +347,7 @@ def retime_at_size(path: Path, size: int) -> int:
     for label in labels:
         fam = label.split("+")[0]
         cfg = configs.get(label, {}).get("lung") or family_config(fam, "lung")
+        size = label_size(results, label)
         lat = results.setdefault("latency", {}).setdefault(label, {})
         lat["at_size"] = {"size": size, **onnx_latency(fam, cfg, size)}
         print(f"[bench] latency {label} at {size}²: {lat['at_size']}", file=sys.stderr, flush=True)
@@ -382,9 +391,12 @@ def write_md(results: dict, path: str | Path, commands: list[str] | None = None,
     lines = ["# Detector benchmark — families × datasets", "",
              f"Machine: {m.get('cpu', '?')}, nproc {m.get('nproc', '?')} ({m.get('note', '')}); "
              f"{m.get('platform', '')}; Python {m.get('python', '')}, torch {m.get('torch', '')}.", "",
-             f"Training/evaluation size {st.get('size')}²; seeds {st.get('seeds')}; training steps per family "
+             f"Training/evaluation size {st.get('size')}²"
+             + "".join(f", {lb} {sz}²" for lb, sz in sorted(st.get("sizes", {}).items()) if sz != st.get("size"))
+             + f"; seeds {st.get('seeds')}; training steps per family "
              f"{st.get('steps')} (scaled by `--steps-scale`, see the JSON runs' `fit_steps`). Latency: each family's "
-             "256² ONNX export, ONNX Runtime CPU, batch 1, median of 60 calls, 1 and 2 intra-op threads.", "",
+             "256² ONNX export, ONNX Runtime CPU, batch 1, median of 60 calls, 1 and 2 intra-op threads; in brackets "
+             "at the label's own training size, where a default ships.", "",
              "Values: mean ± sd over the seeds (group-aware splits; see `tools/bench_detectors.py`). Image AUROC is per "
              "image (BUSI) or per frame (lung); clip AUROC uses the clip score = mean frame score; pixel metrics are "
              "inside the scan region with burned-in text / calipers removed; Dice at the card's threshold (chosen on "
