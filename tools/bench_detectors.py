@@ -265,6 +265,8 @@ def run(args) -> int:
     for kv in filter(None, args.steps.split(",")):
         k, v = kv.split("=")
         STEPS[k] = int(v)
+    if args.latency_only:  # times the labels of an existing file: needs no data
+        return retime_at_size(Path(args.json))
     root = Path(args.data)
     if not (root / "MANIFEST.csv").exists():
         print(f"bench detectors: {root}/MANIFEST.csv not found (pass --data)", file=sys.stderr)
@@ -274,8 +276,6 @@ def run(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = parse_overrides(args.config)
     out_path = Path(args.json)
-    if args.latency_only:
-        return retime_at_size(out_path)
     results = json.loads(out_path.read_text()) if args.merge and out_path.exists() else {"runs": {}, "latency": {}}
     work = Path(tempfile.mkdtemp(prefix="sonomaly_bench_"))
     try:
