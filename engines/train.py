@@ -709,6 +709,13 @@ def _jsonable(o):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the shipped defaults (models/lung, models/breast), chosen from the detector benchmark
+def label_size(bench: dict, label: str) -> int:
+    """The input size benchmark ``label`` was trained and evaluated at (``settings.sizes`` of
+    ``benchmarks/detectors.json``; files from before per-label sizes: ``settings.size``)."""
+    st = bench.get("settings", {})
+    return int(st.get("sizes", {}).get(label) or st.get("size") or 128)
+
+
 def pick_best(bench: dict, dataset: str, max_ms: float = 10.0, size: int | None = None, tie: float = 0.01) -> str:
     """Best family label for ``dataset`` in ``benchmarks/detectors.json`` within the latency budget (ORT, 1 or 2
     threads) at the size the default will ship at: by default each label's own benchmark size (where its accuracy was
@@ -717,8 +724,6 @@ def pick_best(bench: dict, dataset: str, max_ms: float = 10.0, size: int | None 
     breast: mean of image AUROC, pixel AUROC, Dice and peak hit rate; lung: mean of the brightness-matched frame and clip
     AUROC (the as-is numbers can be inflated by the brightness shortcut).  Candidates within ``tie`` of the best value
     count as equal (the split-to-split sd is far larger) and the fastest of them on one thread wins."""
-    from sonomaly.tools.bench_detectors import label_size
-
     cands = []
     for key, r in bench.get("summary", {}).items():
         if r["dataset"] != dataset:
@@ -825,7 +830,7 @@ def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | 
     data_dir = Path(data_dir)
     repo = Path(repo) if repo else Path(__file__).resolve().parents[1]
     bench = json.loads(Path(bench_json).read_text())
-    from sonomaly.tools.bench_detectors import STEPS, family_config, label_size
+    from sonomaly.tools.bench_detectors import STEPS, family_config
 
     rows = read_manifest(data_dir)
     chosen = {}

@@ -8,8 +8,8 @@ import numpy as np
 
 from sonomaly.overlay.draw import (
     DEFAULT_COLORMAP,
-    _amap,
     HeatLayer,
+    _amap,
     _as_bgr,
     draw_banner,
     draw_gauge,

@@ -329,14 +329,10 @@ def run(args) -> int:
     return 0
 
 
-def label_size(results: dict, label: str) -> int:
-    """The input size ``label`` was trained and evaluated at (``settings.sizes``; older files: ``settings.size``)."""
-    st = results.get("settings", {})
-    return int(st.get("sizes", {}).get(label) or st.get("size") or 128)
-
-
 def retime_at_size(path: Path) -> int:
     """``--latency-only``: every label of ``path`` timed at the size it was benchmarked at (a default ships there)."""
+    from sonomaly.engines.train import label_size
+
     if not path.exists():
         print(f"bench detectors: {path} not found (--latency-only times the labels of an existing file)",
               file=sys.stderr)
