@@ -290,9 +290,9 @@ class Pipeline:
                 layer = None
                 if self.config.overlay_enabled:
                     layer = overlay.layer_for(amap, region, frame.image.shape[:2], self.config.style)
-                    t5 = now_ns()
-                    stages["layer"] = (t4, t5)
-                    t4 = t5
+                t_done = now_ns()
+                if layer is not None:
+                    stages["layer"] = (t4, t_done)
             except Exception as exc:  # no model exception ever stops the video
                 self.ai_errors += 1
                 self.ai_failing = True
@@ -306,9 +306,9 @@ class Pipeline:
             self.ai_failing = False
             self.ai_reason = None
             self.ai_frames += 1
-            took_ms = (t4 - t) / 1e6
+            took_ms = (t_done - t) / 1e6
             self._ai_ms_ema = took_ms if self._ai_ms_ema is None else 0.8 * self._ai_ms_ema + 0.2 * took_ms
-            self.ai_slot.put(AIResult(frame.id, frame.t_capture_ns, t4, amap, score, region, stages, layer))
+            self.ai_slot.put(AIResult(frame.id, frame.t_capture_ns, t_done, amap, score, region, stages, layer))
 
     # ----------------------------------------------------------------------------------------------- composer
     def _compose_loop(self) -> None:

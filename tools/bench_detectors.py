@@ -276,14 +276,14 @@ def run(args) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     overrides = parse_overrides(args.config)
     out_path = Path(args.json)
+    label_of = {f: f"{f}+{args.tag}" if args.tag else f for f in fams}  # the run keys' family label
     results = json.loads(out_path.read_text()) if args.merge and out_path.exists() else {"runs": {}, "latency": {}}
     work = Path(tempfile.mkdtemp(prefix="sonomaly_bench_"))
     try:
         for seed in seeds:
             for ds in dsets:
                 for fam in fams:
-                    label = f"{fam}+{args.tag}" if args.tag else fam
-                    key = f"{ds}/{label}/{seed}"
+                    key = f"{ds}/{label_of[fam]}/{seed}"
                     t0 = time.time()
                     try:
                         results["runs"][key] = run_one(root, ds, fam, seed, args.size, work, not args.quiet,
@@ -298,8 +298,7 @@ def run(args) -> int:
                     out_path.parent.mkdir(parents=True, exist_ok=True)
                     out_path.write_text(json.dumps(results, indent=1) + "\n")
         if not args.no_latency:
-            for fam in fams:
-                label = f"{fam}+{args.tag}" if args.tag else fam
+            for fam, label in label_of.items():
                 cfg = {**family_config(fam, "lung"), **overrides}
                 results["latency"][label] = onnx_latency(fam, cfg)
                 if args.size != 256:  # also at the size the accuracy was measured at (a default may ship at it)
@@ -314,16 +313,13 @@ def run(args) -> int:
                           "python": platform.python_version(), "torch": torch.__version__,
                           "note": note or "2 cores; heavy runs serialised with flock"}
     prev = results.get("settings", {})
-    labels = [f"{f}+{args.tag}" if args.tag else f for f in fams]
-    results["settings"] = {**prev, "size": prev.get("size", args.size), "seeds": seeds,
-                           "sizes": {**prev.get("sizes", {}), **{lb: args.size for lb in labels}},
-                           "configs": {**prev.get("configs", {}),
-                                       **{(f"{f}+{args.tag}" if args.tag else f):
-                                          {d: {**family_config(f, d), **overrides} for d in ("busi", "lung")}
-                                          for f in fams}}}
-    results["settings"].setdefault("steps", {})
-    results["settings"]["steps"] = {**results["settings"]["steps"],
-                                    **{(f"{f}+{args.tag}" if args.tag else f): STEPS[f] for f in fams}}
+    results["settings"] = {
+        **prev, "size": prev.get("size", args.size), "seeds": seeds,
+        "sizes": {**prev.get("sizes", {}), **{lb: args.size for lb in label_of.values()}},
+        "configs": {**prev.get("configs", {}),
+                    **{lb: {d: {**family_config(f, d), **overrides} for d in ("busi", "lung")}
+                       for f, lb in label_of.items()}},
+        "steps": {**prev.get("steps", {}), **{lb: STEPS[f] for f, lb in label_of.items()}}}
     out_path.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
     return 0
