@@ -322,3 +322,32 @@ def test_bench_latency_only_times_every_label_at_the_size_with_its_own_config(tm
     assert at["draem+ens2"]["params"] == 2 * at["draem"]["params"]
     assert all(a["ms_1t"] > 0 and a["ms_2t"] > 0 for a in at.values())
     assert main(["bench", "detectors", "--latency-only", "--json", str(tmp_path / "none.json")]) == 2
+
+
+def test_draem_image_loss_charges_the_hottest_cells_of_lesion_free_frames():
+    """``img_loss`` (hard negatives): the BCE towards 0 of each lesion-free item's top-k mean logit. Hot cells on a
+    lesion-free frame raise it, items with a lesion are not charged, cells outside the scan count for nothing, the
+    gradient reaches only the top-k cells; the option is stored in the config and rejects a negative weight."""
+    from sonomaly.engines.models.draem import _topk_image_loss
+
+    n, h, w, k = 2, 16, 16, 4
+    mm = torch.zeros(n, 1, h, w)
+    mm[:, :, 2:14, 2:14] = 1.0
+    cold = torch.full((n, 1, h, w), -4.0)
+    hot = cold.clone()
+    hot[:, :, 5:7, 5:7] = 4.0  # 4 hot cells = k
+    none, lesion = torch.zeros(n, 1, h, w), torch.zeros(n, 1, h, w)
+    lesion[:, :, 5:7, 5:7] = 1.0
+    assert float(_topk_image_loss(hot, mm, none, k)) > float(_topk_image_loss(cold, mm, none, k)) + 3.0
+    assert float(_topk_image_loss(hot, mm, lesion, k)) == 0.0
+    mixed = torch.cat([none[:1], lesion[:1]])  # item 0 lesion-free, item 1 with a lesion: only item 0 counts
+    assert torch.isclose(_topk_image_loss(hot, mm, mixed, k), _topk_image_loss(hot[:1], mm[:1], none[:1], k))
+    outside = cold.clone()
+    outside[:, :, 0:2, 0:2] = 9.0  # hot, but outside the scan mask
+    assert torch.isclose(_topk_image_loss(outside, mm, none, k), _topk_image_loss(cold, mm, none, k))
+    hot.requires_grad_(True)
+    _topk_image_loss(hot, mm, none, k).backward()
+    assert float(hot.grad[:, :, 5:7, 5:7].sum()) > 0 and float(hot.grad[:, :, 10:12, 10:12].abs().sum()) == 0
+    assert build("draem", size=[SIZE, SIZE], img_loss=0.5).config()["img_loss"] == 0.5
+    with pytest.raises(ValueError, match="img_loss"):
+        build("draem", size=[SIZE, SIZE], img_loss=-1)

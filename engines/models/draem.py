@@ -13,6 +13,12 @@ has abnormal images *with lesion masks*, a share ``real_p`` of the batch items a
 items are the real abnormal images with their masks as the target, the other half normal frames with a real lesion
 (its pixels, soft-edged) pasted at a random place inside the scan (copy-paste, as in NSA / CutPaste but with real
 lesions).  The threshold is still chosen on held-out normal frames only.
+
+Hard negatives (optional, ``img_loss`` > 0): the pixel loss averages over every cell, so a few hot cells on a
+lesion-free frame cost it almost nothing although they set that frame's image score.  With ``img_loss`` the loss also
+charges each lesion-free item's image logit (the mean of its top-k in-scan logits, the quantity the image score
+ranks) towards 0, weighted by ``img_loss``.  Measured on BUSI (``benchmarks/detectors.md``, ``draem+ens2s160neg``)
+it lowers every metric — the maps learn to stay cold, lesions included — so it is off by default.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ class SyntheticSegmenter(nn.Module):
 
     def __init__(self, size=(256, 256), in_channels: int = 2, widths=(16, 32, 48, 64), synth: str = "all",
                  topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5,
-                 real_p: float = 0.0, aug: str = "flip", members: int = 1, tta_flip: bool = False):
+                 real_p: float = 0.0, aug: str = "flip", members: int = 1, tta_flip: bool = False,
+                 img_loss: float = 0.0):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.in_channels, self.widths, self.synth = int(in_channels), tuple(int(w) for w in widths), synth
@@ -48,6 +55,9 @@ class SyntheticSegmenter(nn.Module):
         if int(members) < 1:
             raise ValueError(f"draem: members must be >= 1, got {members}")
         self.members, self.tta_flip = int(members), bool(tta_flip)
+        if float(img_loss) < 0:
+            raise ValueError(f"draem: img_loss must be >= 0, got {img_loss}")
+        self.img_loss = float(img_loss)
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.factor = 4
         self.map_hw = (self.size[0] // 4, self.size[1] // 4)
@@ -66,7 +76,7 @@ class SyntheticSegmenter(nn.Module):
         return dict(size=list(self.size), in_channels=self.in_channels, widths=list(self.widths), synth=self.synth,
                     topk_frac=self.topk_frac, score_erode=self.score_erode, seed=self.seed, lr=self.lr,
                     p_anomaly=self.p_anomaly, real_p=self.real_p, aug=self.aug, members=self.members,
-                    tta_flip=self.tta_flip)
+                    tta_flip=self.tta_flip, img_loss=self.img_loss)
 
     def set_lesion_bank(self, x: torch.Tensor, masks: torch.Tensor) -> None:
         """Real abnormal inputs ``[M,C,H,W]`` (preprocessed like the normal frames) and their lesion masks ``[M,1,H,W]``
@@ -180,6 +190,8 @@ class SyntheticSegmenter(nn.Module):
             p = torch.sigmoid(lg) * mm
             dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
             loss = bce + dice
+            if self.img_loss > 0:  # the image score itself: the top-k cells of lesion-free frames pushed down
+                loss = loss + self.img_loss * _topk_image_loss(lg, mm, t, self.k)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -187,6 +199,20 @@ class SyntheticSegmenter(nn.Module):
 
         label = "draem" if self.members == 1 else f"draem {i + 1}/{self.members}"
         return run_steps(self, batches, epochs, step, progress=progress, max_seconds=max_seconds, label=label)
+
+
+def _topk_image_loss(lg: torch.Tensor, mm: torch.Tensor, t: torch.Tensor, k: int) -> torch.Tensor:
+    """Hard negatives: the BCE towards 0 of each lesion-free item's image logit (the mean of its ``k`` largest in-scan
+    logits: what the image score ranks), averaged over those items (0 when the batch has none).  The pixel loss
+    averages over every cell, so a few hot cells on a normal frame cost it almost nothing while they set that frame's
+    image score; this term charges them directly.  Items with a lesion are left to the pixel loss."""
+    flat = lg.masked_fill(mm < 0.5, -1e4).flatten(1)
+    k = max(1, min(int(k), flat.shape[1]))
+    z = torch.topk(flat, k, dim=1).values.mean(dim=1)
+    free = t.flatten(1).amax(1) <= 0.0
+    if not bool(free.any()):
+        return z.sum() * 0.0
+    return F.softplus(z[free]).mean()
 
 
 class _UNet(nn.Module):
