@@ -351,3 +351,22 @@ def test_draem_image_loss_charges_the_hottest_cells_of_lesion_free_frames():
     assert build("draem", size=[SIZE, SIZE], img_loss=0.5).config()["img_loss"] == 0.5
     with pytest.raises(ValueError, match="img_loss"):
         build("draem", size=[SIZE, SIZE], img_loss=-1)
+
+
+def test_draem_fine_map_is_at_half_resolution_and_exports(normal_dir, tmp_path):
+    """``fine``: one more decoder stage, so the map (and the top-k of the score) is at 1/2 of the input instead of
+    1/4; the card's map shape says so, ONNX Runtime matches PyTorch, and without it the state-dict keys stay as
+    shipped models have them."""
+    cfg = {**FAST["draem"][0], "fine": True}
+    card = train("draem", normal_dir, tmp_path / "m", size=SIZE, epochs=2, seed=0, val_fraction=0.25,
+                 region_fn=full_region, family_config=cfg, progress=False, batch_size=8)
+    assert list(card.map_shape)[-2:] == [SIZE // 2, SIZE // 2]
+    ort, ref = load(tmp_path / "m", backend="onnxruntime"), load(tmp_path / "m", backend="torch")
+    img = speckle(SIZE, 7, lesion=True)
+    x = preprocess(img, full_region(img), card)
+    (ma, sa), (mb, sb) = ort.infer(x), ref.infer(x)
+    assert ma.shape[-2:] == (SIZE // 2, SIZE // 2)
+    assert np.abs(ma - mb).max() <= 1e-4 and abs(float(sa[0]) - float(sb[0])) <= 1e-4
+    model = build("draem", size=[SIZE, SIZE], fine=True)
+    assert model.k == max(1, round(0.01 * (SIZE // 2) ** 2)) and any(k.startswith("d0.") for k in model.state_dict())
+    assert not any(k.startswith("d0.") for k in build("draem", size=[SIZE, SIZE]).state_dict())

@@ -3,7 +3,7 @@
 Trained on normal frames only: half of each batch gets synthetic anomalies (:mod:`.synth`: hypo/hyperechoic elliptical
 and irregular masses with speckle-consistent texture, posterior shadowing / enhancement, and for lung B-line-like
 vertical artefacts and subpleural consolidations), and a small U-Net learns to segment them (BCE + soft Dice).
-Anomaly map (in-graph): the sigmoid probability at 1/4 resolution inside the scan mask; score: mean of the top-k
+Anomaly map (in-graph): the sigmoid probability at 1/4 resolution (``fine``: 1/2, one more decoder stage) inside the scan mask; score: mean of the top-k
 cells inside the eroded mask.  Because the map is a probability, the pixel threshold chosen on held-out normals is
 floored at ``prob_floor`` (0.5: "more likely lesion than not" by the model's own objective; no abnormal data used).
 Input ``[1,2,H,W]``.
@@ -43,7 +43,7 @@ class SyntheticSegmenter(nn.Module):
     def __init__(self, size=(256, 256), in_channels: int = 2, widths=(16, 32, 48, 64), synth: str = "all",
                  topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5,
                  real_p: float = 0.0, aug: str = "flip", members: int = 1, tta_flip: bool = False,
-                 img_loss: float = 0.0):
+                 img_loss: float = 0.0, fine: bool = False):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.in_channels, self.widths, self.synth = int(in_channels), tuple(int(w) for w in widths), synth
@@ -58,25 +58,26 @@ class SyntheticSegmenter(nn.Module):
         if float(img_loss) < 0:
             raise ValueError(f"draem: img_loss must be >= 0, got {img_loss}")
         self.img_loss = float(img_loss)
+        self.fine = bool(fine)
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.factor = 4
-        self.map_hw = (self.size[0] // 4, self.size[1] // 4)
+        self.factor = 2 if self.fine else 4  # fine: one more decoder stage, the map at 1/2 resolution
+        self.map_hw = (self.size[0] // self.factor, self.size[1] // self.factor)
         self.k = max(1, int(round(self.topk_frac * self.map_hw[0] * self.map_hw[1])))
         torch.manual_seed(self.seed)
-        _unet_layers(self, self.widths)
+        _unet_layers(self, self.widths, self.fine)
         # further ensemble members: the same U-Net, each from its own initialisation (member 0 is this module's own
         # layers, so a one-member model keeps the state-dict keys it always had)
         more = []
         for i in range(1, self.members):
             torch.manual_seed(self._member_seed(i))
-            more.append(_UNet(self.widths))
+            more.append(_UNet(self.widths, self.fine))
         self.more = nn.ModuleList(more)
 
     def config(self) -> dict:
         return dict(size=list(self.size), in_channels=self.in_channels, widths=list(self.widths), synth=self.synth,
                     topk_frac=self.topk_frac, score_erode=self.score_erode, seed=self.seed, lr=self.lr,
                     p_anomaly=self.p_anomaly, real_p=self.real_p, aug=self.aug, members=self.members,
-                    tta_flip=self.tta_flip, img_loss=self.img_loss)
+                    tta_flip=self.tta_flip, img_loss=self.img_loss, fine=self.fine)
 
     def set_lesion_bank(self, x: torch.Tensor, masks: torch.Tensor) -> None:
         """Real abnormal inputs ``[M,C,H,W]`` (preprocessed like the normal frames) and their lesion masks ``[M,1,H,W]``
@@ -123,7 +124,7 @@ class SyntheticSegmenter(nn.Module):
         return xs, tgt
 
     def logits(self, img):
-        """Member 0's logits at 1/4 resolution."""
+        """Member 0's logits at map resolution (1/4, or 1/2 with ``fine``)."""
         return _unet_logits(self, img)
 
     def member(self, i: int) -> nn.Module:
@@ -218,13 +219,13 @@ def _topk_image_loss(lg: torch.Tensor, mm: torch.Tensor, t: torch.Tensor, k: int
 class _UNet(nn.Module):
     """A further ensemble member: the layers of :class:`SyntheticSegmenter`'s own U-Net."""
 
-    def __init__(self, widths):
+    def __init__(self, widths, fine: bool = False):
         super().__init__()
-        _unet_layers(self, widths)
+        _unet_layers(self, widths, fine)
 
 
-def _unet_layers(net: nn.Module, widths) -> None:
-    """The U-Net's layers, set on ``net``: encoder to 1/16, decoder back to 1/4, a 1x1 logit head."""
+def _unet_layers(net: nn.Module, widths, fine: bool = False) -> None:
+    """The U-Net's layers, set on ``net``: encoder to 1/16, decoder back to 1/4 (``fine``: to 1/2), a 1x1 logit head."""
     w0, w1, w2, w3 = widths
     net.e0 = nn.Sequential(_cbr(1, w0, 2), _cbr(w0, w0))          # 1/2
     net.e1 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))         # 1/4
@@ -232,7 +233,9 @@ def _unet_layers(net: nn.Module, widths) -> None:
     net.e3 = nn.Sequential(_cbr(w2, w3, 2), _cbr(w3, w3))         # 1/16
     net.d2 = _cbr(w3 + w2, w2)
     net.d1 = _cbr(w2 + w1, w1)
-    net.head = nn.Conv2d(w1, 1, 1)
+    if fine:
+        net.d0 = _cbr(w1 + w0, w0)
+    net.head = nn.Conv2d(w0 if fine else w1, 1, 1)
 
 
 def _unet_logits(net, img):
@@ -242,4 +245,6 @@ def _unet_logits(net, img):
     d = net.e3(c)
     c = net.d2(torch.cat([F.interpolate(d, scale_factor=2.0, mode="nearest"), c], 1))
     b = net.d1(torch.cat([F.interpolate(c, scale_factor=2.0, mode="nearest"), b], 1))
+    if hasattr(net, "d0"):  # fine: 1/2 resolution
+        return net.head(net.d0(torch.cat([F.interpolate(b, scale_factor=2.0, mode="nearest"), a], 1)))
     return net.head(b)  # 1/4 resolution
