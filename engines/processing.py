@@ -20,13 +20,28 @@ from sonomaly.stream.roi import ScanRegion
 from .card import ModelCard
 
 
+_MASKS_SMALL: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def _region_mask_small(region: ScanRegion, size_hw: tuple[int, int]) -> np.ndarray:
-    """Scan mask cropped to the bbox and resized to the model input: bool ``[H, W]``."""
+    """Scan mask cropped to the bbox and resized to the model input: bool ``[H, W]`` (read-only).
+
+    Cached for the last few regions (a live region is the same object frame after frame, and resizing a 1080p mask
+    costs more than the model at 128²); region masks are never changed in place."""
+    key = (id(region.mask), region.bbox, tuple(size_hw))
+    hit = _MASKS_SMALL.get(key)
+    if hit is not None and hit[0] is region.mask:
+        return hit[1]
     m = region.crop_mask()
     h, w = size_hw
     if m.shape[:2] != (h, w):
         m = cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA)
-    return m > 127
+    small = m > 127
+    small.setflags(write=False)
+    if len(_MASKS_SMALL) > 8:
+        _MASKS_SMALL.clear()
+    _MASKS_SMALL[key] = (region.mask, small)
+    return small
 
 
 def preprocess(image_bgr: np.ndarray, region: ScanRegion, card: ModelCard, out: np.ndarray | None = None) -> np.ndarray:

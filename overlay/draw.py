@@ -151,30 +151,38 @@ def quantise(amap: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------- heatmap
 class HeatLayer:
     """The heatmap of one anomaly map, and optionally its threshold contours, ready to draw over any number of frames
-    of ``shape``: inside ``box``, ``out = colour * alpha + frame * beta`` (``beta = 1 - alpha``); then the contour
-    polylines, anti-aliased, clipped to the mask.
+    of ``shape``, as one premultiplied layer: inside ``box``, ``out = round(frame * mult / 255) + add`` (per pixel
+    and channel, saturating; ``mult`` 255 and ``add`` 0 leave a pixel exactly as it was).
 
-    Everything that depends only on the map (quantising, stretching and colouring it, tracing the contours) is done
-    once, in :func:`heat_layer`; :meth:`apply` is one weighted blend of the box and the strokes of the lines.  The live
-    pipeline makes one per AI result, in its AI worker, and draws it on every frame that shows that result."""
+    It is the heat (``frame * (1 - alpha) + colour * alpha``, alpha growing with the map) with the contour strokes
+    composited over it (a dark halo, then the line, each by its anti-aliased coverage), all clipped to the mask,
+    folded into the two arrays.  Everything that depends only on the map (quantising, stretching, colouring,
+    tracing and rasterising the contours) is done once, in :func:`heat_layer`; :meth:`apply` is two vectorised
+    passes over the box, whatever the map holds.  The live pipeline makes one per AI result, in its AI worker, and
+    draws it on every frame that shows that result."""
 
-    __slots__ = ("shape", "box", "colour", "alpha", "beta", "polys", "line_box", "line_mask", "line_style", "key")
+    __slots__ = ("shape", "box", "mult", "add", "key", "_pooled")
 
     def __init__(self, shape: tuple[int, int], box: tuple[int, int, int, int] = (0, 0, 0, 0),
-                 colour: np.ndarray | None = None, alpha: np.ndarray | None = None, beta: np.ndarray | None = None):
+                 mult: np.ndarray | None = None, add: np.ndarray | None = None):
         self.shape = (int(shape[0]), int(shape[1]))
-        self.box = box
-        self.colour, self.alpha, self.beta = colour, alpha, beta
-        self.polys: list[np.ndarray] = []  # contours, :data:`_SHIFT` fractional bits, relative to ``line_box``
-        self.line_box = (0, 0, 0, 0)  # (x, y, w, h) in the frame
-        self.line_mask: np.ndarray | None = None  # the mask under ``line_box`` (255 / 0)
-        self.line_style: tuple = ()  # (colour, thickness, halo)
+        self.box = box  # (x, y, w, h) in the frame
+        self.mult, self.add = mult, add  # uint8 (h, w, 3) each, over ``box``
         self.key = None  # what it was drawn with (set by the compositor, which checks it before reuse)
+        self._pooled = False  # its arrays came from the layer pool and go back there with the layer
+
+    def __del__(self) -> None:
+        if self._pooled:
+            try:
+                _pool_put(self.mult)
+                _pool_put(self.add)
+            except Exception:  # interpreter shutdown: the module's globals may be gone
+                pass
 
     @property
     def empty(self) -> bool:
         """Nothing to draw (a map at or below zero everywhere inside the mask, and no contour)."""
-        return self.colour is None and not self.polys
+        return self.mult is None
 
     def apply(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Draw over ``image`` (a frame of :attr:`shape`); ``out`` as in :func:`blend_heatmap` (may be ``image``)."""
@@ -187,30 +195,15 @@ class HeatLayer:
             if out.shape != src.shape or out.dtype != np.uint8:
                 raise ValueError("out must be a uint8 frame shaped like image")
             np.copyto(out, src)
-        if self.colour is not None:
+        if self.mult is not None:
             x, y, bw, bh = self.box
             sub = out[y : y + bh, x : x + bw]
-            if self.alpha.size < _CV_MIN:  # tiny: numpy (same arithmetic)
-                alpha = self.alpha[:, :, None]
-                res = np.rint((self.colour * alpha + sub * self.beta[:, :, None]) / np.float32(1.0 + 1e-5))
-                np.copyto(sub, np.clip(res, 0, 255).astype(np.uint8), where=alpha > 0)
-            else:  # (colour * alpha + sub * beta) / (alpha + beta + eps): where alpha == 0 this rounds back to sub
-                sub[...] = cv2.blendLinear(self.colour, sub, self.alpha, self.beta,
-                                           dst=_scratch("blend", (bh, bw, 3), np.uint8))
-        if self.polys:
-            # draw on a copy of just the contours' box, then copy it back through the mask (nothing lands outside)
-            x, y, bw, bh = self.line_box
-            color, thickness, halo = self.line_style
-            sub = out[y : y + bh, x : x + bw]
-            drawn = _scratch("lines", sub.shape, np.uint8)
-            np.copyto(drawn, sub)
-            if halo:
-                cv2.polylines(drawn, self.polys, True, (0, 0, 0), thickness + 2, cv2.LINE_AA, _SHIFT)
-            cv2.polylines(drawn, self.polys, True, color, thickness, cv2.LINE_AA, _SHIFT)
-            if drawn.size >= _CV_MIN:
-                cv2.copyTo(drawn, self.line_mask, dst=sub)
+            if self.mult.size < _CV_MIN:  # tiny: numpy (the same arithmetic and rounding)
+                res = np.rint(sub * self.mult.astype(np.float32) * np.float32(1.0 / 255.0)) + self.add
+                sub[...] = np.minimum(res, 255).astype(np.uint8)
             else:
-                np.copyto(sub, drawn, where=self.line_mask[:, :, None] > 0)
+                scaled = cv2.multiply(sub, self.mult, dst=_scratch("blend", (bh, bw, 3), np.uint8), scale=1.0 / 255.0)
+                cv2.add(scaled, self.add, dst=sub)
         return out
 
 
@@ -221,19 +214,19 @@ def heat_layer(amap: np.ndarray, mask: np.ndarray | None, shape: tuple[int, int]
     """The :class:`HeatLayer` of ``amap`` for frames of ``shape``: the heatmap of :func:`blend_heatmap` (unless
     ``heat=False``) and, with ``contour_level``, the contours of :func:`draw_contours` over it, inside ``mask`` only.
 
-    ``scratch=True`` keeps the heat's arrays in this thread's reused buffers: valid until the next call on the same
+    ``scratch=True`` keeps the layer's arrays in this thread's reused buffers: valid until the next call on the same
     thread (one-frame use); by default the layer owns its arrays and can be handed to another thread."""
     h, w = int(shape[0]), int(shape[1])
     layer = HeatLayer((h, w))
     if h == 0 or w == 0:
         return layer
-    buf = _scratch if scratch else (lambda name, shp, dt: np.empty(shp, dt))
     m = _mask255(mask, (h, w))
     x, y, bw, bh = _nonzero_box(m)  # work only inside the scan region's box
     if bw == 0 or bh == 0:
         return layer
     a = _amap(amap)
     m_box = m[y : y + bh, x : x + bw]
+    level, hbox = None, None
     if heat:
         if a.shape == (h, w):
             level = quantise(a[y : y + bh, x : x + bw], out=_scratch("level", (bh, bw), np.uint8))
@@ -241,36 +234,97 @@ def heat_layer(amap: np.ndarray, mask: np.ndarray | None, shape: tuple[int, int]
             full = cv2.resize(quantise(a), (w, h), dst=_scratch("stretch", (h, w), np.uint8),
                               interpolation=cv2.INTER_LINEAR)
             level = full[y : y + bh, x : x + bw]
-        np.bitwise_and(level, m_box, out=level)  # outside the mask: level 0 -> alpha 0
+        np.bitwise_and(level, m_box, out=level)  # outside the mask: level 0 -> no change
         lx, ly, lw, lh = _nonzero_box(level)  # and only where the map is above zero
         if lw and lh:
-            level = np.ascontiguousarray(level[ly : ly + lh, lx : lx + lw])  # scratch "level" is reused
-            lut = _alpha_lut(float(min(max(opacity, 0.0), 1.0)))
-            cmap = colormap_lut(colormap)
-            if level.size < _CV_MIN:
-                alpha, colour = lut[0, level], cmap[level, 0]
-                beta = np.float32(1.0) - alpha
-            else:
-                alpha = cv2.LUT(level, lut, dst=buf("alpha", (lh, lw), np.float32))  # exactly 0 at level 0
-                beta = cv2.subtract(1.0, alpha, dst=buf("beta", (lh, lw), np.float32))
-                level3 = cv2.merge((level, level, level), dst=_scratch("level3", (lh, lw, 3), np.uint8))
-                colour = cv2.LUT(level3, cmap, dst=buf("colour", (lh, lw, 3), np.uint8))
-            layer.box, layer.colour, layer.alpha, layer.beta = (x + lx, y + ly, lw, lh), colour, alpha, beta
+            hbox = (x + lx, y + ly, lw, lh)
+            level = level[ly : ly + lh, lx : lx + lw]
+    strokes = None
     if contour_level is not None:
-        polys = _contour_polylines(a, (h, w), (x, y, bw, bh), float(contour_level))
-        if polys:
-            th = max(1, int(contour_thickness))
-            allp = np.concatenate(polys).reshape(-1, 2) >> _SHIFT
-            grow = th + 3
-            rx0, ry0 = (max(0, int(v) - grow) for v in allp.min(axis=0))
-            rx1, ry1 = min(bw, int(allp[:, 0].max()) + grow + 1), min(bh, int(allp[:, 1].max()) + grow + 1)
-            if rx1 > rx0 and ry1 > ry0:
-                off = np.array([rx0, ry0], np.int32) << _SHIFT
-                layer.polys = [c - off for c in polys]
-                layer.line_box = (x + rx0, y + ry0, rx1 - rx0, ry1 - ry0)
-                layer.line_mask = np.ascontiguousarray(m_box[ry0:ry1, rx0:rx1])
-                layer.line_style = (tuple(int(c) for c in contour_color), th, bool(halo))
+        strokes = _contour_strokes(a, (h, w), (x, y, bw, bh), m_box, float(contour_level), max(1, int(contour_thickness)))
+    boxes = [b for b in (hbox, None if strokes is None else strokes[0]) if b is not None]
+    if not boxes:
+        return layer
+    ux0, uy0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    ux1, uy1 = max(b[0] + b[2] for b in boxes), max(b[1] + b[3] for b in boxes)
+    uw, uh = ux1 - ux0, uy1 - uy0
+    # what the layer keeps of the frame (one channel while it is built: the same for B, G and R) and what it adds
+    buf = _scratch if scratch else (lambda name, shp, dt: _pool_get(shp))
+    keep, add = _scratch("keep", (uh, uw), np.uint8), buf("add", (uh, uw, 3), np.uint8)
+    if hbox is None or hbox != (ux0, uy0, uw, uh):  # the strokes reach past the heat: start from "no change"
+        keep.fill(255)
+        add.fill(0)
+    if hbox is not None:
+        hx, hy, hw_, hh = hbox[0] - ux0, hbox[1] - uy0, hbox[2], hbox[3]
+        keep_lut, add_lut = _heat_luts(float(min(max(opacity, 0.0), 1.0)), colormap)
+        kh, ah = keep[hy : hy + hh, hx : hx + hw_], add[hy : hy + hh, hx : hx + hw_]
+        if level.size < _CV_MIN:
+            kh[...], ah[...] = keep_lut[0, level], add_lut[:, level].transpose(1, 2, 0)
+        else:
+            cv2.LUT(level, keep_lut, dst=kh)
+            planes = [cv2.LUT(level, add_lut[c : c + 1], dst=_scratch(f"plane{c}", (hh, hw_), np.uint8))
+                      for c in range(3)]
+            if (hh, hw_) == (uh, uw):
+                cv2.merge(planes, dst=ah)
+            else:
+                ah[...] = cv2.merge(planes, dst=_scratch("planes", (hh, hw_, 3), np.uint8))
+    if strokes is not None:
+        # the strokes composited over the heat by cv2's anti-aliased rasteriser itself: a stroke of colour c and
+        # coverage t turns (keep, add) into (keep * (1 - t), add * (1 - t) + c * t) -- drawn on copies of their box,
+        # copied back through the mask (nothing lands outside it)
+        (sx, sy, sw, sh), polys, m = strokes
+        sx, sy = sx - ux0, sy - uy0
+        k_sub, a_sub = keep[sy : sy + sh, sx : sx + sw], add[sy : sy + sh, sx : sx + sw]
+        k_drawn, a_drawn = _scratch("k_drawn", (sh, sw), np.uint8), _scratch("a_drawn", (sh, sw, 3), np.uint8)
+        np.copyto(k_drawn, k_sub)
+        np.copyto(a_drawn, a_sub)
+        th = max(1, int(contour_thickness))
+        colour = tuple(int(c) for c in contour_color)[:3]
+        if halo:
+            cv2.polylines(k_drawn, polys, True, 0, th + 2, cv2.LINE_AA, _SHIFT)
+            cv2.polylines(a_drawn, polys, True, (0, 0, 0), th + 2, cv2.LINE_AA, _SHIFT)
+        cv2.polylines(k_drawn, polys, True, 0, th, cv2.LINE_AA, _SHIFT)
+        cv2.polylines(a_drawn, polys, True, colour, th, cv2.LINE_AA, _SHIFT)
+        if k_drawn.size >= _CV_MIN:
+            cv2.copyTo(k_drawn, m, dst=k_sub)
+            cv2.copyTo(a_drawn, m, dst=a_sub)
+        else:
+            np.copyto(k_sub, k_drawn, where=m > 0)
+            np.copyto(a_sub, a_drawn, where=m[:, :, None] > 0)
+    mult = buf("mult", (uh, uw, 3), np.uint8)
+    if keep.size < _CV_MIN:
+        mult[...] = keep[:, :, None]
+    else:
+        cv2.merge((keep, keep, keep), dst=mult)
+    layer.box, layer.mult, layer.add, layer._pooled = (ux0, uy0, uw, uh), mult, add, not scratch
     return layer
+
+
+# Frame-sized layer arrays, recycled: a layer's arrays go back here when the layer is freed (nothing else holds
+# them: they are the layer's own), and the next layer of that size takes them instead of fresh memory, whose page
+# faults on first touch cost more than filling it (a 1080p layer is 12 MB; the pipeline makes one per AI result).
+_POOL: dict[tuple, list[np.ndarray]] = {}
+_POOL_PER_SHAPE = 4
+
+
+def _pool_get(shape: tuple[int, ...]) -> np.ndarray:
+    free = _POOL.get(tuple(shape))
+    if free:
+        try:
+            return free.pop()
+        except IndexError:  # another thread took the last one
+            pass
+    return np.empty(shape, np.uint8)
+
+
+def _pool_put(arr: np.ndarray | None) -> None:
+    if arr is None or arr.size < _CV_MIN or not arr.flags.owndata:
+        return
+    free = _POOL.setdefault(arr.shape, [])
+    if len(free) < _POOL_PER_SHAPE:
+        free.append(arr)
+    if len(_POOL) > 16:  # many sizes (a resized stream): start again
+        _POOL.clear()
 
 
 def blend_heatmap(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, *, opacity: float = 0.6,
@@ -298,17 +352,26 @@ def _nonzero_box(a: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
 
 
-_ALPHA_LUTS: dict[float, np.ndarray] = {}
+_HEAT_LUTS: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
-def _alpha_lut(opacity: float) -> np.ndarray:
-    lut = _ALPHA_LUTS.get(opacity)
-    if lut is None:
-        lut = (np.arange(LEVELS, dtype=np.float32) * np.float32(opacity / (LEVELS - 1))).reshape(1, LEVELS)
-        if len(_ALPHA_LUTS) > 64:
-            _ALPHA_LUTS.clear()
-        _ALPHA_LUTS[opacity] = lut
-    return lut
+def _heat_luts(opacity: float, colormap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per map level, what the heat keeps of the frame, ``round(255 * (1 - alpha))`` (``1 x 256``), and what it adds,
+    ``round(colour * alpha)`` (``3 x 256``: B, G, R rows), ``alpha = opacity * level / 255``; uint8 tables for
+    ``cv2.LUT`` (one channel at a time: a 3-channel table is several times slower)."""
+    key = (opacity, colormap)
+    luts = _HEAT_LUTS.get(key)
+    if luts is None:
+        alpha = np.arange(LEVELS, dtype=np.float64) * (opacity / (LEVELS - 1))
+        keep_lut = np.rint(255.0 * (1.0 - alpha)).astype(np.uint8).reshape(1, LEVELS)
+        add_lut = np.ascontiguousarray(
+            np.rint(colormap_lut(colormap)[:, 0, :].astype(np.float64) * alpha[:, None]).astype(np.uint8).T)
+        keep_lut.setflags(write=False)
+        add_lut.setflags(write=False)
+        if len(_HEAT_LUTS) > 64:
+            _HEAT_LUTS.clear()
+        luts = _HEAT_LUTS[key] = (keep_lut, add_lut)
+    return luts
 
 
 def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, *, level: float = 1.0,
@@ -322,6 +385,25 @@ def draw_contours(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
     layer = heat_layer(amap, mask, out.shape[:2], heat=False, contour_level=level, contour_color=color,
                        contour_thickness=thickness, halo=halo)
     return layer.apply(out, out=out)
+
+
+def _contour_strokes(a: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int, int], m_box: np.ndarray,
+                     level: float, thickness: int):
+    """``level``'s contours under the frame box ``(x, y, w, h)`` (scan mask ``m_box`` there), ready to stroke:
+    ``((x, y, w, h) in the frame of the area the strokes can touch, the polylines relative to it with
+    :data:`_SHIFT` fractional bits, the mask under it)``; ``None`` when there is nothing to draw."""
+    polys = _contour_polylines(a, shape, box, level)
+    if not polys:
+        return None
+    x, y, bw, bh = box
+    allp = np.concatenate(polys).reshape(-1, 2) >> _SHIFT
+    grow = thickness + 3
+    rx0, ry0 = (max(0, int(v) - grow) for v in allp.min(axis=0))
+    rx1, ry1 = min(bw, int(allp[:, 0].max()) + grow + 1), min(bh, int(allp[:, 1].max()) + grow + 1)
+    if rx1 <= rx0 or ry1 <= ry0:
+        return None
+    off = np.array([rx0, ry0], np.int32) << _SHIFT
+    return (x + rx0, y + ry0, rx1 - rx0, ry1 - ry0), [c - off for c in polys], m_box[ry0:ry1, rx0:rx1]
 
 
 def _contour_polylines(a: np.ndarray, shape: tuple[int, int], box: tuple[int, int, int, int],

@@ -25,6 +25,7 @@ from sonomaly.overlay import (
     no_signal_frame,
     quantise,
 )
+from sonomaly.overlay.draw import DEFAULT_COLORMAP, colormap_lut
 from sonomaly.stream.roi import ScanRegion
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -320,27 +321,66 @@ def test_odd_sizes_do_not_crash(h, w):
 
 
 # --------------------------------------------------------------------------------------------------------- HeatLayer
+def _heat_reference(img, amap, mask, opacity):
+    """The heat blend in float64, from the definition: alpha = opacity * level / 255, colour = the colormap at the
+    level, level = the quantised map (stretched over the frame when smaller), 0 outside the mask."""
+    h, w = img.shape[:2]
+    level = quantise(amap)
+    if level.shape != (h, w):
+        level = cv2.resize(level, (w, h), interpolation=cv2.INTER_LINEAR)
+    if mask is not None:
+        level = np.where(mask > 0, level, 0).astype(np.uint8)
+    alpha = (opacity * level.astype(np.float64) / 255.0)[:, :, None]
+    colour = colormap_lut(DEFAULT_COLORMAP)[level, 0].astype(np.float64)
+    return img.astype(np.float64) * (1.0 - alpha) + colour * alpha
+
+
 @SETTINGS
 @given(h=st.integers(1, 90), w=st.integers(1, 90), seed=st.integers(0, 10_000), small=st.booleans(),
        opacity=st.floats(0.0, 1.0), thickness=st.integers(1, 4))
-def test_heat_layer_draws_exactly_what_blend_and_contours_draw(h, w, seed, small, opacity, thickness):
-    """One layer made per map, drawn on several frames, gives each frame exactly the pixels of blending the map and
-    drawing its contours on that frame (frame-sized maps and smaller ones stretched over the frame)."""
+def test_heat_layer_draws_the_blend_and_the_contours_over_it(h, w, seed, small, opacity, thickness):
+    """One layer made per map, drawn on several frames: the heat is the alpha blend of its definition (within the
+    layer's 8-bit rounding), the contours are stroked over the heat as ``draw_contours`` strokes them over a blended
+    frame (the same pixels; values within a few levels where strokes' anti-aliasing overlaps), and nothing changes
+    outside the mask; ``out=`` the frame itself gives the same pixels."""
     rng = np.random.default_rng(seed)
     mh, mw = (max(1, h // 3), max(1, w // 3)) if small else (h, w)
     amap = cv2.GaussianBlur(rng.normal(0.5, 1.0, (mh, mw)).astype(np.float32), (0, 0), 1.5)
     mask = (rng.random((h, w)) > 0.2).astype(np.uint8) * 255 if seed % 2 else None
     level = float(rng.uniform(0.2, 1.2))
-    layer = heat_layer(amap, mask, (h, w), opacity=opacity, contour_level=level, contour_thickness=thickness)
+    heat = heat_layer(amap, mask, (h, w), opacity=opacity)
+    both = heat_layer(amap, mask, (h, w), opacity=opacity, contour_level=level, contour_thickness=thickness)
     for i in range(3):
         img = speckle_frame(h, w, seed + i)
-        ref = draw_contours(blend_heatmap(img, amap, mask, opacity=opacity), amap, mask, level=level,
-                            thickness=thickness)
-        assert np.array_equal(layer.apply(img), ref)
+        blended = heat.apply(img)
+        assert np.abs(blended - _heat_reference(img, amap, mask, opacity)).max() <= 1.5 + 1e-9
+        ref = draw_contours(blended, amap, mask, level=level, thickness=thickness)
+        out = both.apply(img)
+        stroked = np.any(ref != blended, axis=2)
+        assert np.abs(out.astype(int) - ref.astype(int)).max() <= 6
+        near = cv2.dilate(stroked.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0  # anti-aliasing fringe
+        assert np.array_equal(out[~near], blended[~near])
+        assert np.abs(out[~stroked].astype(int) - blended[~stroked].astype(int)).max(initial=0) <= 2
+        if mask is not None:
+            assert np.array_equal(out[mask == 0], img[mask == 0])
         buf = img.copy()
-        assert layer.apply(buf, out=buf) is buf and np.array_equal(buf, ref)
+        assert both.apply(buf, out=buf) is buf and np.array_equal(buf, out)
     with pytest.raises(ValueError, match="layer made for"):
-        layer.apply(speckle_frame(h + 1, w))
+        both.apply(speckle_frame(h + 1, w))
+
+
+def test_heat_layer_strokes_match_draw_contours_on_a_ring():
+    """Where there is no heat, the layer's strokes are cv2's own anti-aliased strokes: bit-exact on a flat frame."""
+    h, w = 120, 160
+    img = np.full((h, w, 3), 90, np.uint8)
+    amap = blob(h, w, 80, 60, 20, 1.5)
+    layer = heat_layer(amap, None, (h, w), heat=False, contour_level=1.0, contour_thickness=2)
+    ref = img.copy()
+    drawn = draw_contours(img, amap, None, level=1.0, thickness=2)
+    assert np.any(drawn != ref)
+    out = layer.apply(img)
+    assert np.abs(out.astype(int) - drawn.astype(int)).max() <= 2  # the same strokes (8-bit keep/add rounding)
+    assert np.array_equal(np.any(out != img, axis=2), np.any(drawn != img, axis=2))
 
 
 def test_heat_layer_owns_its_arrays_unless_scratch():
@@ -354,6 +394,30 @@ def test_heat_layer_owns_its_arrays_unless_scratch():
     assert np.array_equal(first.apply(img), before)
     assert heat_layer(np.zeros((64, 80), np.float32), None, (64, 80), contour_level=1.0).empty
     assert not first.empty
+
+
+def test_heat_layer_recycles_the_arrays_of_freed_layers_only():
+    """A freed layer's arrays go to the next layer of its size (no fresh frame-sized memory per AI result); a layer
+    still held keeps its own, and the recycled layer draws exactly what a fresh one does."""
+    import gc
+
+    from sonomaly.overlay import draw
+
+    draw._POOL.clear()
+    img = speckle_frame(64, 80)
+    a1, a2, a3 = (blob(64, 80, cx, 30, 12, 1.4) + 0.2 for cx in (20, 40, 60))  # heat over the whole frame
+    held = heat_layer(a1, None, (64, 80), contour_level=1.0)
+    held_pixels = held.apply(img)
+    freed = heat_layer(a2, None, (64, 80), contour_level=1.0)
+    freed_ids = {id(freed.mult), id(freed.add)}
+    del freed
+    gc.collect()
+    reused = heat_layer(a3, None, (64, 80), contour_level=1.0)
+    assert {id(reused.mult), id(reused.add)} == freed_ids
+    assert {id(reused.mult), id(reused.add)}.isdisjoint({id(held.mult), id(held.add)})
+    assert np.array_equal(held.apply(img), held_pixels)
+    draw._POOL.clear()
+    assert np.array_equal(reused.apply(img), heat_layer(a3, None, (64, 80), contour_level=1.0).apply(img))
 
 
 def test_compose_uses_a_layer_only_for_its_frame_size_and_style():
