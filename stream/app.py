@@ -25,7 +25,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from sonomaly.stream import control as control_api
-from sonomaly.stream.encoder import DEFAULT_BITRATE, SharedEncoder, set_aiortc_bitrate
+from sonomaly.stream.encoder import DEFAULT_BITRATE, DEFAULT_VP8_SPEED, SharedEncoder, set_aiortc_bitrate
 from sonomaly.stream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from sonomaly.stream.metrics import Metrics
 from sonomaly.stream.pipeline import Pipeline
@@ -48,6 +48,8 @@ class ServerOptions:
     """``shared``: one encoder for all viewers (encode once, fan out); ``per-viewer``: aiortc's one per peer."""
     codec: str = "vp8"
     bitrate: int = DEFAULT_BITRATE
+    vp8_speed: int = DEFAULT_VP8_SPEED
+    """libvpx's realtime speed for the shared VP8 encoder (0..16, higher is faster; see ``stream.encoder``)."""
     security: SecurityConfig = field(default_factory=SecurityConfig)
     recordings_dir: Path = Path("recordings")
     dataset_dir: Path = Path("feedback")
@@ -89,7 +91,7 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
         raise ValueError("encode must be 'shared' or 'per-viewer'")
     encoder = None
     if opts.encode == "shared":
-        encoder = SharedEncoder(pipeline.out, pipeline._t0_ns, codec=opts.codec, bitrate=opts.bitrate,
+        encoder = SharedEncoder(pipeline.out, pipeline._t0_ns, codec=opts.codec, bitrate=opts.bitrate, speed=opts.vp8_speed,
                                 on_encoded=lambda out, a, b: Pipeline.stamp_record(out, "encode", a, b))
     elif options is not None:  # per-viewer, configured: aiortc's encoders at the same bitrate (not its 0.5–1.5M)
         set_aiortc_bitrate(opts.bitrate)

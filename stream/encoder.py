@@ -36,6 +36,10 @@ VIDEO_CLOCK_RATE = 90_000
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
 CODECS = ("vp8", "h264")
 DEFAULT_BITRATE = 4_000_000
+#: libvpx's VP8 realtime speed (``cpu-used`` = minus this: a fixed speed, not one adapted to the frame time); 0..16,
+#: higher is faster. 12 is what WebRTC's own VP8 encoder picks for weak CPUs; against 6 it encodes the composed demo
+#: stream in ~0.75x the time for 0.33 dB less luma PSNR at 4 Mbit/s (``sonomaly bench encoder``, benchmarks/encoder.md).
+DEFAULT_VP8_SPEED = 12
 
 
 def parse_bitrate(text: str | int) -> int:
@@ -146,14 +150,56 @@ class Subscription:
         self.encoder.unsubscribe(self)
 
 
+def open_encoder(codec: str, width: int, height: int, bitrate: int, *, speed: int = DEFAULT_VP8_SPEED,
+                 threads: int = 1) -> av.CodecContext:
+    """The shared encoder's codec context (what :class:`SharedEncoder` encodes with; ``sonomaly bench encoder`` too):
+    VP8 in libvpx's realtime mode at the fixed ``speed``, or H.264 constrained baseline (x264 zerolatency), constant
+    bitrate, keyframes on request only."""
+    if codec == "vp8":
+        ctx = av.CodecContext.create("libvpx", "w")
+        ctx.width, ctx.height = width, height
+        ctx.pix_fmt = "yuv420p"
+        ctx.bit_rate = bitrate
+        ctx.time_base = VIDEO_TIME_BASE
+        ctx.gop_size = 100_000  # keyframes on request and every keyframe_interval_s, not by count
+        ctx.qmin, ctx.qmax = 2, 56
+        ctx.options = {
+            "bufsize": str(bitrate), "cpu-used": str(-speed), "deadline": "realtime", "lag-in-frames": "0",
+            "minrate": str(bitrate), "maxrate": str(bitrate), "noise-sensitivity": "0",
+            "overshoot-pct": "15", "partitions": "0", "static-thresh": "1", "undershoot-pct": "100",
+            "error-resilient": "1",
+        }
+    else:
+        ctx = av.CodecContext.create("libx264", "w")
+        ctx.width, ctx.height = width, height
+        ctx.pix_fmt = "yuv420p"
+        ctx.bit_rate = bitrate
+        # x264's rate control budgets bits per frame from the frame rate (the 90 kHz time base alone reads as
+        # 90 000 fps: a few bytes per frame); the pts still carry the real capture times
+        ctx.framerate = fractions.Fraction(30, 1)
+        ctx.time_base = VIDEO_TIME_BASE
+        ctx.gop_size = 100_000
+        ctx.profile = "Baseline"
+        ctx.options = {"level": "31", "tune": "zerolatency", "preset": "veryfast", "forced-idr": "1",
+                       "maxrate": str(bitrate), "bufsize": str(bitrate),
+                       "x264-params": "repeat-headers=1:scenecut=0"}
+    ctx.thread_count = threads
+    ctx.open()
+    return ctx
+
+
 class SharedEncoder:
     """One encoder for all viewers of a stream (see the module docstring)."""
 
     def __init__(self, hub, t0_ns: int, *, codec: str = "vp8", bitrate: int = DEFAULT_BITRATE,
                  keyframe_interval_s: float = 10.0, min_keyframe_gap_s: float = 0.1, threads: int = 1,
-                 on_encoded: Callable[[Any, int, int], None] | None = None, max_queue: int = 30) -> None:
+                 on_encoded: Callable[[Any, int, int], None] | None = None, max_queue: int = 30,
+                 speed: int = DEFAULT_VP8_SPEED) -> None:
         if codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, not {codec!r}")
+        if not 0 <= int(speed) <= 16:
+            raise ValueError(f"VP8 speed must be 0..16, not {speed!r}")
+        self.speed = int(speed)
         self.hub = hub
         self.t0_ns = t0_ns
         self.codec_name = codec
@@ -223,37 +269,7 @@ class SharedEncoder:
 
     # ------------------------------------------------------------------------------------------------ encoding
     def _open(self, width: int, height: int) -> av.CodecContext:
-        if self.codec_name == "vp8":
-            ctx = av.CodecContext.create("libvpx", "w")
-            ctx.width, ctx.height = width, height
-            ctx.pix_fmt = "yuv420p"
-            ctx.bit_rate = self.bitrate
-            ctx.time_base = VIDEO_TIME_BASE
-            ctx.gop_size = 100_000  # keyframes on request and every keyframe_interval_s, not by count
-            ctx.qmin, ctx.qmax = 2, 56
-            ctx.options = {
-                "bufsize": str(self.bitrate), "cpu-used": "-6", "deadline": "realtime", "lag-in-frames": "0",
-                "minrate": str(self.bitrate), "maxrate": str(self.bitrate), "noise-sensitivity": "0",
-                "overshoot-pct": "15", "partitions": "0", "static-thresh": "1", "undershoot-pct": "100",
-                "error-resilient": "1",
-            }
-        else:
-            ctx = av.CodecContext.create("libx264", "w")
-            ctx.width, ctx.height = width, height
-            ctx.pix_fmt = "yuv420p"
-            ctx.bit_rate = self.bitrate
-            # x264's rate control budgets bits per frame from the frame rate (the 90 kHz time base alone reads as
-            # 90 000 fps: a few bytes per frame); the pts still carry the real capture times
-            ctx.framerate = fractions.Fraction(30, 1)
-            ctx.time_base = VIDEO_TIME_BASE
-            ctx.gop_size = 100_000
-            ctx.profile = "Baseline"
-            ctx.options = {"level": "31", "tune": "zerolatency", "preset": "veryfast", "forced-idr": "1",
-                           "maxrate": str(self.bitrate), "bufsize": str(self.bitrate),
-                           "x264-params": "repeat-headers=1:scenecut=0"}
-        ctx.thread_count = self.threads
-        ctx.open()
-        return ctx
+        return open_encoder(self.codec_name, width, height, self.bitrate, speed=self.speed, threads=self.threads)
 
     def _run(self) -> None:
         seq = 0

@@ -66,3 +66,36 @@ def test_bench_pipeline_writes_json(tmp_path, lung_model, demo_clip):
         assert all(0 < v["p50"] <= v["p99"] for v in st.values())
         assert st["total"]["p50"] >= st["infer"]["p50"]
     assert data["machine"]["cores"] >= 1 and "450x450" in r.stdout
+
+
+def test_bench_encoder_encodes_decodes_and_compares(tmp_path, lung_model, demo_clip):
+    """The encoder benchmark encodes the composed stream with the shared encoder's settings and decodes every frame
+    again: every frame comes back, the quality is that of a real encode (not a copy, not garbage), and a lower
+    bitrate costs quality."""
+    out = tmp_path / "e.json"
+    r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "bench", "encoder", "--frames", "20", "--speeds",
+                        "6,12", "--bitrates", "2M,300k", "--repeats", "1", "--model", str(lung_model), "--clip",
+                        str(demo_clip), "--json", str(out)], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    rows = {(row["bitrate"], row["speed"]): row for row in data["results"]}
+    assert set(rows) == {(2_000_000, 6), (2_000_000, 12), (300_000, 6), (300_000, 12)}
+    for row in rows.values():
+        assert row["decoded"] == row["frames"] == 20  # lag-in-frames 0: one frame out per frame in
+        assert 20 < row["psnr_y_min"] <= row["psnr_y"] < 99 and row["mbit_s"] > 0
+        assert 0 < row["ms_p50"] <= row["ms_p99"]
+    for speed in (6, 12):
+        assert rows[(300_000, speed)]["psnr_y"] < rows[(2_000_000, speed)]["psnr_y"]
+        assert rows[(300_000, speed)]["mbit_s"] < rows[(2_000_000, speed)]["mbit_s"]
+    assert data["default_vp8_speed"] == 12 and data["size"] == [450, 450]
+
+
+def test_vp8_speed_is_checked():
+    from sonomaly.stream.encoder import SharedEncoder, open_encoder
+
+    with pytest.raises(ValueError, match="0..16"):
+        SharedEncoder(None, 0, speed=17)
+    assert open_encoder("vp8", 64, 48, 1_000_000, speed=16).width == 64
+    r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "serve", "--source", "x.mp4", "--vp8-speed", "20"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--vp8-speed must be 0..16" in r.stderr

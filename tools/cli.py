@@ -27,6 +27,7 @@ BENCHES: dict[str, str] = {
     "detectors": "sonomaly.tools.bench_detectors",
     "viewers": "sonomaly.tools.bench_viewers",
     "pipeline": "sonomaly.tools.bench_pipeline",
+    "encoder": "sonomaly.tools.bench_encoder",
 }
 LIVE_PREFIXES = ("device:", "/dev/video", "rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
@@ -57,6 +58,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="codec of the shared encoder (default vp8)")
     g.add_argument("--bitrate", default="4M", help="bitrate of the shared encoder, e.g. 2M..6M on a hospital LAN "
                                                    "(default 4M)")
+    g.add_argument("--vp8-speed", type=int, default=None, metavar="N",
+                   help="libvpx realtime speed of the shared VP8 encoder, 0..16, higher is faster at a little less "
+                        "quality per bit (default 12; benchmarks/encoder.md)")
     g.add_argument("--playout-delay", default="0,0", metavar="MIN,MAX",
                    help="ms sent to viewers in the playout-delay RTP extension: 0,0 (default) asks browsers to show "
                         "each frame as soon as it is decoded, without smoothing; 'off' keeps their smoothing")
@@ -167,11 +171,17 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     except ValueError as e:
         print(f"sonomaly: --playout-delay: {e}", file=sys.stderr)
         return 2
+    from sonomaly.stream.encoder import DEFAULT_VP8_SPEED
+
+    vp8_speed = DEFAULT_VP8_SPEED if args.vp8_speed is None else args.vp8_speed
+    if not 0 <= vp8_speed <= 16:
+        print(f"sonomaly: --vp8-speed must be 0..16, not {vp8_speed}", file=sys.stderr)
+        return 2
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("sonomaly: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
     options = ServerOptions(
-        encode=args.encode, codec=args.codec, bitrate=parse_bitrate(args.bitrate),
+        encode=args.encode, codec=args.codec, bitrate=parse_bitrate(args.bitrate), vp8_speed=vp8_speed,
         security=SecurityConfig(viewer_token=args.viewer_token, control_token=args.control_token,
                                 exempt_loopback=not args.no_loopback_exempt, rate_per_s=args.signalling_rate,
                                 cors_origins=list(args.cors_origin)),
