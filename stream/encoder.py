@@ -37,8 +37,9 @@ VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
 CODECS = ("vp8", "h264")
 DEFAULT_BITRATE = 4_000_000
 #: libvpx's VP8 realtime speed (``cpu-used`` = minus this: a fixed speed, not one adapted to the frame time); 0..16,
-#: higher is faster. 12 is what WebRTC's own VP8 encoder picks for weak CPUs; against 6 it encodes the composed demo
-#: stream in ~0.75x the time for 0.33 dB less luma PSNR at 4 Mbit/s (``sonomaly bench encoder``, benchmarks/encoder.md).
+#: higher is faster. 12 is what WebRTC's VP8 encoder uses on mobile ARM CPUs of up to 3 cores; against 6 it encodes
+#: the composed demo stream in ~0.75x the time for 0.33 dB less luma PSNR at 4 Mbit/s (``sonomaly bench encoder``,
+#: benchmarks/encoder.md).
 DEFAULT_VP8_SPEED = 12
 
 
