@@ -239,9 +239,9 @@ def heat_layer(amap: np.ndarray, mask: np.ndarray | None, shape: tuple[int, int]
         if lw and lh:
             hbox = (x + lx, y + ly, lw, lh)
             level = level[ly : ly + lh, lx : lx + lw]
-    strokes = None
+    strokes, th = None, max(1, int(contour_thickness))
     if contour_level is not None:
-        strokes = _contour_strokes(a, (h, w), (x, y, bw, bh), m_box, float(contour_level), max(1, int(contour_thickness)))
+        strokes = _contour_strokes(a, (h, w), (x, y, bw, bh), m_box, float(contour_level), th)
     boxes = [b for b in (hbox, None if strokes is None else strokes[0]) if b is not None]
     if not boxes:
         return layer
@@ -278,7 +278,6 @@ def heat_layer(amap: np.ndarray, mask: np.ndarray | None, shape: tuple[int, int]
         k_drawn, a_drawn = _scratch("k_drawn", (sh, sw), np.uint8), _scratch("a_drawn", (sh, sw, 3), np.uint8)
         np.copyto(k_drawn, k_sub)
         np.copyto(a_drawn, a_sub)
-        th = max(1, int(contour_thickness))
         colour = tuple(int(c) for c in contour_color)[:3]
         if halo:
             cv2.polylines(k_drawn, polys, True, 0, th + 2, cv2.LINE_AA, _SHIFT)

@@ -155,7 +155,7 @@ def open_encoder(codec: str, width: int, height: int, bitrate: int, *, speed: in
                  threads: int = 1) -> av.CodecContext:
     """The shared encoder's codec context (what :class:`SharedEncoder` encodes with; ``sonomaly bench encoder`` too):
     VP8 in libvpx's realtime mode at the fixed ``speed``, or H.264 constrained baseline (x264 zerolatency), constant
-    bitrate, keyframes on request only."""
+    bitrate, keyframes only when asked for (never by frame count)."""
     if codec == "vp8":
         ctx = av.CodecContext.create("libvpx", "w")
         ctx.width, ctx.height = width, height

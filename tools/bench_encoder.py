@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -120,18 +118,11 @@ def encode_pass(frames: list[np.ndarray], codec: str, bitrate: int, speed: int) 
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import av
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "pyav": av.__version__,
-            "platform": platform.platform()}
+    from sonomaly.tools.bench_pipeline import machine as pipeline_machine
+
+    return {**pipeline_machine(), "pyav": av.__version__}
 
 
 def run(args) -> int:
