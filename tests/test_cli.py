@@ -99,3 +99,21 @@ def test_vp8_speed_is_checked():
     r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "serve", "--source", "x.mp4", "--vp8-speed", "20"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--vp8-speed must be 0..16" in r.stderr
+
+
+def test_machine_facts_read_the_cpu_model_and_fall_back(tmp_path):
+    """Every benchmark's machine block comes from tools.machine: the first 'model name' line of cpuinfo, a fallback
+    that is never empty when the file is missing or has no such line, and the memory in GiB."""
+    import platform
+
+    from sonomaly.tools.machine import cpu_model, memory_gib
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n\n"
+                    "processor\t: 1\nmodel name\t: something else\n")
+    assert cpu_model(info) == "AMD EPYC 9B14"
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # e.g. some ARM kernels print no model name
+    assert cpu_model(info) == (platform.processor() or "?")
+    assert cpu_model(tmp_path / "missing") == (platform.processor() or "?")
+    mem = memory_gib()
+    assert mem is None or 0.1 < mem < 1 << 20

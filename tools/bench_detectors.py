@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sonomaly.tools.machine import cpu_model
+
 FAMILIES = ("conv_ae", "ae", "patch_gaussian", "student_teacher", "draem", "classifier")
 # training steps per family at the benchmark size (epochs are derived from the fit-set size, so runs are
 # deterministic for a seed, unlike a wall-clock cap)
@@ -309,7 +311,7 @@ def run(args) -> int:
     results["summary"] = summarise(results)
     note = results.get("machine", {}).get("note") if args.merge else None  # a merged file keeps its note (which
     # rows ran on which machine): edit it by hand when a merge adds rows from another machine
-    results["machine"] = {"nproc": os.cpu_count(), "cpu": _cpu_model(), "platform": platform.platform(),
+    results["machine"] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
                           "python": platform.python_version(), "torch": torch.__version__,
                           "note": note or "2 cores; heavy runs serialised with flock"}
     prev = results.get("settings", {})
@@ -363,16 +365,6 @@ def summarise(results: dict) -> dict:
                     summ[f"{ds}/{variant}/{fam}"] = {"dataset": ds, "variant": variant, "dataset_label": label,
                                                      "family": fam, "seeds": len(runs), "agg": aggregate(runs, variant)}
     return summ
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def write_md(results: dict, path: str | Path, commands: list[str] | None = None, narrative: str = "") -> Path:

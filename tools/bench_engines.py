@@ -18,7 +18,6 @@ import gc
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sonomaly.tools.machine import cpu_model, memory_gib
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
@@ -61,16 +62,7 @@ def machine() -> dict[str, Any]:
 
     from sonomaly.engines.backends.tensorrt import available, gpu_probe
 
-    cpu = "?"
-    try:
-        m = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = m.group(1).strip() if m else platform.processor()
-    except OSError:
-        pass
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        mem_gb = None
+    cpu, mem_gb = cpu_model(), memory_gib()
     ok, why = available()
     return {"nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "cpu_model": cpu, "memory_gb": mem_gb, "machine": platform.machine(), "os": platform.platform(),
@@ -367,8 +359,6 @@ def write_md(path: Path, body: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sonomaly.engines.export import media_files
-
     if args.render:
         md = markdown(json.loads(Path(args.render).read_text()))
         print(md)

@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sonomaly.tools.machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"native": None, "640x480": (640, 480), "1280x720": (1280, 720), "1920x1080": (1920, 1080)}
 
@@ -34,15 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
+
+    cpu = cpu_model()
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__, "platform": platform.platform()}

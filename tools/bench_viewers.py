@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sonomaly.tools.machine import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -219,8 +221,7 @@ def _table(points: list[dict]) -> str:
 
 
 def _machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     import aiortc
     import av
 

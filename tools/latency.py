@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from sonomaly.stream import stamp
+from sonomaly.tools.machine import cpu_model, memory_gib
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -105,20 +106,10 @@ def summarise(values_ms) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
                             "platform": platform.platform(), "loadavg_at_start": list(os.getloadavg())}
-    try:
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
+    if (mem := memory_gib()) is not None:
+        info["memory_gib"] = mem
     for mod in ("aiortc", "av", "numpy", "onnxruntime"):
         try:
             info[mod] = __import__(mod).__version__

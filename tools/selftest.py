@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sonomaly.tools.machine import cpu_model
+
 
 def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("selftest", help="fault injection and bad input against the real pipeline and server")
@@ -36,15 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _machine() -> dict[str, Any]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+    return {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
