@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -33,6 +35,21 @@ from sonomaly.stream.roi import RegionTracker, ScanRegion
 from sonomaly.stream.slot import LatestSlot
 
 log = logging.getLogger("sonomaly.pipeline")
+
+
+def lower_thread_priority(increment: int) -> int | None:
+    """Raise the calling thread's nice value by ``increment`` (capped at 19) and return the new value; None where the
+    platform has no per-thread nice (not Linux) or ``increment`` <= 0. Only this thread changes: Linux keeps the nice
+    value per thread (setpriority(2) on the thread id), and threads started by this one inherit it."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return None
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + int(increment)))
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError as e:  # e.g. a seccomp profile that forbids it: the worker runs at the normal priority
+        log.warning("could not lower the AI worker's priority: %s", e)
+        return None
 
 
 @dataclass
@@ -59,6 +76,11 @@ class PipelineConfig:
     hud: bool = True
     records: int = 2000
     """How many per-frame records to keep for /health and the latency harness."""
+    ai_nice: int = 0
+    """Nice increment of the AI worker thread (Linux keeps a nice value per thread; 0: the same priority as the
+    rest). When the CPU is short, the kernel then runs the grab → compose → encode → send path first and the heatmaps
+    slow down ("AI DELAYED") instead of the video: principle 1 enforced by the scheduler, not only by the slots.
+    Lowering one's own priority needs no privilege."""
 
 
 @dataclass
@@ -205,6 +227,7 @@ class Pipeline:
         self._fps_times: deque[int] = deque(maxlen=64)
         self._working_on: tuple[int, int] | None = None  # (frame id, start ns) of the frame the worker is on
         self._ai_ms_ema: float | None = None  # smoothed worker time per frame, to decide whether waiting pays
+        self.ai_thread_nice: int | None = None  # the worker thread's nice value once it runs (None: not set)
         self._worker = threading.Thread(target=self._work, name="sonomaly-worker", daemon=True)
         self._composer = threading.Thread(target=self._compose_loop, name="sonomaly-composer", daemon=True)
         self._reset_smoother()
@@ -257,6 +280,7 @@ class Pipeline:
     def _work(self) -> None:
         from sonomaly.engines.processing import postprocess, preprocess
 
+        self.ai_thread_nice = lower_thread_priority(self.config.ai_nice)
         seq = 0
         while not self._stop.is_set():
             seq, frame = self.grabber.slot.get_newer(seq, timeout=0.2, take=False)
@@ -505,6 +529,7 @@ class Pipeline:
             "ai_errors": self.ai_errors,
             "compose_errors": self.compose_errors,
             "ai_reason": self.ai_reason,
+            "ai_thread_nice": self.ai_thread_nice,
             "source": {
                 "uri": getattr(src, "uri", None),
                 "state": getattr(src, "state", "ended" if self.grabber.ended else "live"),

@@ -101,6 +101,12 @@ def test_vp8_speed_is_checked():
     assert r.returncode == 2 and "--vp8-speed must be 0..16" in r.stderr
 
 
+def test_ai_nice_is_checked():
+    r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "serve", "--source", "x.mp4", "--ai-nice", "20"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--ai-nice must be 0..19" in r.stderr
+
+
 def test_machine_facts_read_the_cpu_model_and_fall_back(tmp_path):
     """Every benchmark's machine block comes from tools.machine: the first 'model name' line of cpuinfo, a fallback
     that is never empty when the file is missing or has no such line, and the memory in GiB."""

@@ -4,6 +4,8 @@ Real parts: the bundled clip paced at its own 39 fps, the bundled model on ONNX 
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 
@@ -262,3 +264,28 @@ def test_source_that_ends_gives_no_signal_frames(tmp_path, demo_clip):
     assert len(tail) >= 20  # NO SIGNAL frames keep coming at about the nominal rate
     assert max_gap_ms(tail) < 200
     assert tail[-1][2].shape[:2] == (450, 450)
+
+
+def _thread_nice(tid: int) -> int:
+    """A thread's nice value as the kernel keeps it (field 19 of /proc/self/task/TID/stat)."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread is Linux's")
+def test_ai_worker_runs_below_the_video_path(demo_clip, engine):
+    """``ai_nice``: the worker thread alone is lowered (the grabber, the composer and the caller keep their priority),
+    /health says how far, and the heatmaps still come; ``ai_nice=0`` leaves every thread as it was."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for inc, want in ((7, min(19, base + 7)), (0, base)):
+        p = Pipeline(source(demo_clip), engine, PipelineConfig(ai_nice=inc))
+        p.start()
+        try:
+            assert _wait(lambda: p.ai_frames >= 3)
+            assert _thread_nice(p._worker.native_id) == want
+            assert _thread_nice(p._composer.native_id) == base
+            assert _thread_nice(p.grabber._thread.native_id) == base
+            assert os.getpriority(os.PRIO_PROCESS, 0) == base
+            assert p.stats()["ai_thread_nice"] == (want if inc else None)
+        finally:
+            p.stop()

@@ -50,6 +50,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ai-wait-ms", type=float, default=15.0,
                    help="wait up to this long after capture for the heatmap of the same frame when the model is "
                         "fast enough (default 15; 0 draws the newest heatmap at once)")
+    p.add_argument("--ai-nice", type=int, default=0, metavar="N",
+                   help="run the AI worker thread N nice levels below the video path, 0..19 (default 10; 0: the "
+                        "same priority): when the CPU is short the video goes out first and the heatmaps slow down")
     p.add_argument("--no-hud", action="store_true", help="hide the HUD (fps, latency, backend, model)")
     p.add_argument("--log-level", default="info")
     g = p.add_argument_group("streaming (docs/STREAMING.md)")
@@ -158,7 +161,11 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended
     live = source_uri.removeprefix("stamp:").startswith(LIVE_PREFIXES)  # stamp: = frame-id barcode (latency)
     source = ReconnectingSource(lambda: open_source(source_uri, loop=loop), reconnect_on_end=live)
-    config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms, hud=not args.no_hud)
+    if not 0 <= args.ai_nice <= 19:
+        print(f"sonomaly: --ai-nice must be 0..19, not {args.ai_nice}", file=sys.stderr)
+        return 2
+    config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms, hud=not args.no_hud,
+                            ai_nice=args.ai_nice)
     pipeline = Pipeline(source, engine, config)
     from sonomaly.stream.app import ServerOptions
     from sonomaly.stream.encoder import parse_bitrate
