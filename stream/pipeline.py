@@ -77,10 +77,10 @@ class PipelineConfig:
     records: int = 2000
     """How many per-frame records to keep for /health and the latency harness."""
     ai_nice: int = 0
-    """Nice increment of the AI worker thread (Linux keeps a nice value per thread; 0: the same priority as the
-    rest). When the CPU is short, the kernel then runs the grab → compose → encode → send path first and the heatmaps
-    slow down ("AI DELAYED") instead of the video: principle 1 enforced by the scheduler, not only by the slots.
-    Lowering one's own priority needs no privilege."""
+    """Nice increment of the AI worker thread (Linux keeps a nice value per thread; 0, the default: the same priority
+    as the rest). When the CPU is short the kernel then favours the grab → compose → encode → send path and the
+    heatmaps slow down ("AI DELAYED"), but the worker also yields to every other process on the machine, so it is
+    off by default (docs/ENGINES.md has the measurements). Lowering one's own priority needs no privilege."""
 
 
 @dataclass

@@ -38,9 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def machine() -> dict:
     import onnxruntime
 
-    cpu = cpu_model()
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__, "platform": platform.platform()}
 
 

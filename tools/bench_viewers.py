@@ -221,12 +221,11 @@ def _table(points: list[dict]) -> str:
 
 
 def _machine() -> dict:
-    cpu = cpu_model()
     import aiortc
     import av
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "aiortc": aiortc.__version__,
-            "av": av.__version__, "load_avg_at_start": os.getloadavg()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "aiortc": aiortc.__version__, "av": av.__version__, "load_avg_at_start": os.getloadavg()}
 
 
 def _slopes(points: list[dict]) -> dict[str, float]:

@@ -51,8 +51,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="wait up to this long after capture for the heatmap of the same frame when the model is "
                         "fast enough (default 15; 0 draws the newest heatmap at once)")
     p.add_argument("--ai-nice", type=int, default=0, metavar="N",
-                   help="run the AI worker thread N nice levels below the video path, 0..19 (default 10; 0: the "
-                        "same priority): when the CPU is short the video goes out first and the heatmaps slow down")
+                   help="run the AI worker thread N nice levels below the video path, 0..19 (default 0: the same "
+                        "priority); it then yields to every other process too (docs/ENGINES.md)")
     p.add_argument("--no-hud", action="store_true", help="hide the HUD (fps, latency, backend, model)")
     p.add_argument("--log-level", default="info")
     g = p.add_argument_group("streaming (docs/STREAMING.md)")

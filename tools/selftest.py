@@ -38,8 +38,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def run_all(only: list[str] | None = None, cycles: int = 50, workdir: str | None = None,
