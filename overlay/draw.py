@@ -134,11 +134,13 @@ def _map_window(amap: np.ndarray, shape: tuple[int, int], box: tuple[int, int, i
 
 def quantise(amap: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Map levels ``0..255`` (uint8, rounded): 0 where ``amap <= 0`` or NaN, 255 from ``amap >= AMAP_MAX`` (+inf too)."""
-    a = np.minimum(amap, np.float32(2 * AMAP_MAX), out=_scratch("q", amap.shape, np.float32))  # +inf -> finite
-    # saturating, rounding conversion: negative -> 0, > 255 -> 255, NaN -> 0
+    # NaN and -inf -> 0 here (np.fmax takes the number where one side is NaN), +inf -> finite: what OpenCV's
+    # saturating cast makes of a NaN differs between its builds and CPUs (0 on some, 255 on others)
+    a = np.fmax(amap, np.float32(0.0), out=_scratch("q", amap.shape, np.float32))
+    np.minimum(a, np.float32(2 * AMAP_MAX), out=a)
+    # saturating, rounding conversion: > 255 -> 255
     if a.size < _CV_MIN:
-        q = np.rint(np.nan_to_num(a * _LEVEL_SCALE, nan=0.0))
-        q = np.clip(q, 0, 255).astype(np.uint8)
+        q = np.clip(np.rint(a * _LEVEL_SCALE), 0, 255).astype(np.uint8)
         if out is None:
             return q
         out[...] = q

@@ -132,6 +132,18 @@ def test_quantise_levels():
     assert q.tolist() == [[0, 0, 0, 128, 255, 255, 255, 0]]
 
 
+@pytest.mark.parametrize("n", [8, 64])  # below and above the size where quantise hands the cast to OpenCV
+def test_quantise_levels_at_every_size(n):
+    # OpenCV's saturating cast of a NaN gives 0 on some builds / CPUs and 255 on others (opencv 5.1 on an AMD EPYC)
+    row = np.array([np.nan, -1.0, 0.0, 0.75, 1.5, 9.0, np.inf, -np.inf], np.float32)
+    a = np.tile(row, (n, n))
+    q = quantise(a)
+    assert q.shape == a.shape and q.dtype == np.uint8
+    assert np.array_equal(q, np.tile(np.array([0, 0, 0, 128, 255, 255, 255, 0], np.uint8), (n, n)))
+    out = np.full(a.shape, 7, np.uint8)
+    assert quantise(a, out=out) is out and np.array_equal(out, q)
+
+
 def test_map_of_model_resolution_is_resized_by_compose():
     img = speckle_frame(96, 128)
     small = np.zeros((12, 16), np.float32)
