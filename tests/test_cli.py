@@ -107,6 +107,18 @@ def test_ai_nice_is_checked():
     assert r.returncode == 2 and "--ai-nice must be 0..19" in r.stderr
 
 
+@pytest.mark.parametrize("bad, says", [(["--ai-nice", "20"], "--ai-nice must be 0..19"),
+                                       (["--vp8-speed", "17"], "--vp8-speed must be 0..16"),
+                                       (["--playout-delay", "x"], "--playout-delay"),
+                                       (["--ssl-certfile", "c.pem"], "go together")])
+def test_serve_options_are_checked_before_the_model_loads(bad, says, tmp_path):
+    # a model folder that does not exist: had the model been loaded first, the error would be about the model
+    r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "serve", "--source", "x.mp4",
+                        "--model", str(tmp_path / "no-such-model"), *bad],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[-500:]
+
+
 def test_machine_facts_read_the_cpu_model_and_fall_back(tmp_path):
     """Every benchmark's machine block comes from tools.machine: the first 'model name' line of cpuinfo, a fallback
     that is never empty when the file is missing or has no such line, and the memory in GiB."""

@@ -147,9 +147,27 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
 
     from sonomaly import engines
     from sonomaly.stream.app import create_app
+    from sonomaly.stream.encoder import DEFAULT_VP8_SPEED
     from sonomaly.stream.pipeline import Pipeline, PipelineConfig
+    from sonomaly.stream.playout import parse as parse_playout
     from sonomaly.stream.sources import ReconnectingSource, open_source
 
+    # the options first: a wrong value is answered at once, not after the model has loaded
+    if not 0 <= args.ai_nice <= 19:
+        print(f"sonomaly: --ai-nice must be 0..19, not {args.ai_nice}", file=sys.stderr)
+        return 2
+    try:
+        playout_delay = parse_playout(args.playout_delay)
+    except ValueError as e:
+        print(f"sonomaly: --playout-delay: {e}", file=sys.stderr)
+        return 2
+    vp8_speed = DEFAULT_VP8_SPEED if args.vp8_speed is None else args.vp8_speed
+    if not 0 <= vp8_speed <= 16:
+        print(f"sonomaly: --vp8-speed must be 0..16, not {vp8_speed}", file=sys.stderr)
+        return 2
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        print("sonomaly: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
+        return 2
     log = logging.getLogger("sonomaly")
     engine = None
     if model_dir:
@@ -161,32 +179,14 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended
     live = source_uri.removeprefix("stamp:").startswith(LIVE_PREFIXES)  # stamp: = frame-id barcode (latency)
     source = ReconnectingSource(lambda: open_source(source_uri, loop=loop), reconnect_on_end=live)
-    if not 0 <= args.ai_nice <= 19:
-        print(f"sonomaly: --ai-nice must be 0..19, not {args.ai_nice}", file=sys.stderr)
-        return 2
     config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms, hud=not args.no_hud,
                             ai_nice=args.ai_nice)
     pipeline = Pipeline(source, engine, config)
     from sonomaly.stream.app import ServerOptions
     from sonomaly.stream.encoder import parse_bitrate
-    from sonomaly.stream.playout import parse as parse_playout
     from sonomaly.stream.recorder import EventConfig
     from sonomaly.stream.security import SecurityConfig
 
-    try:
-        playout_delay = parse_playout(args.playout_delay)
-    except ValueError as e:
-        print(f"sonomaly: --playout-delay: {e}", file=sys.stderr)
-        return 2
-    from sonomaly.stream.encoder import DEFAULT_VP8_SPEED
-
-    vp8_speed = DEFAULT_VP8_SPEED if args.vp8_speed is None else args.vp8_speed
-    if not 0 <= vp8_speed <= 16:
-        print(f"sonomaly: --vp8-speed must be 0..16, not {vp8_speed}", file=sys.stderr)
-        return 2
-    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
-        print("sonomaly: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
-        return 2
     options = ServerOptions(
         encode=args.encode, codec=args.codec, bitrate=parse_bitrate(args.bitrate), vp8_speed=vp8_speed,
         security=SecurityConfig(viewer_token=args.viewer_token, control_token=args.control_token,
