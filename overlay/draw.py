@@ -135,7 +135,7 @@ def _map_window(amap: np.ndarray, shape: tuple[int, int], box: tuple[int, int, i
 def quantise(amap: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Map levels ``0..255`` (uint8, rounded): 0 where ``amap <= 0`` or NaN, 255 from ``amap >= AMAP_MAX`` (+inf too)."""
     # NaN and -inf -> 0 here (np.fmax takes the number where one side is NaN), +inf -> finite: what OpenCV's
-    # saturating cast makes of a NaN differs between its builds and CPUs (0 on some, 255 on others)
+    # saturating cast makes of a NaN is not defined (255 with opencv 5.1 on an AMD EPYC VM; 0 where it passed before)
     a = np.fmax(amap, np.float32(0.0), out=_scratch("q", amap.shape, np.float32))
     np.minimum(a, np.float32(2 * AMAP_MAX), out=a)
     # saturating, rounding conversion: > 255 -> 255
