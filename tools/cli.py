@@ -147,7 +147,7 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
 
     from sonomaly import engines
     from sonomaly.stream.app import create_app
-    from sonomaly.stream.encoder import DEFAULT_VP8_SPEED
+    from sonomaly.stream.encoder import DEFAULT_VP8_SPEED, parse_bitrate
     from sonomaly.stream.pipeline import Pipeline, PipelineConfig
     from sonomaly.stream.playout import parse as parse_playout
     from sonomaly.stream.sources import ReconnectingSource, open_source
@@ -160,6 +160,11 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
         playout_delay = parse_playout(args.playout_delay)
     except ValueError as e:
         print(f"sonomaly: --playout-delay: {e}", file=sys.stderr)
+        return 2
+    try:
+        bitrate = parse_bitrate(args.bitrate)
+    except ValueError as e:
+        print(f"sonomaly: --bitrate: {e}", file=sys.stderr)
         return 2
     vp8_speed = DEFAULT_VP8_SPEED if args.vp8_speed is None else args.vp8_speed
     if not 0 <= vp8_speed <= 16:
@@ -183,12 +188,11 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
                             ai_nice=args.ai_nice)
     pipeline = Pipeline(source, engine, config)
     from sonomaly.stream.app import ServerOptions
-    from sonomaly.stream.encoder import parse_bitrate
     from sonomaly.stream.recorder import EventConfig
     from sonomaly.stream.security import SecurityConfig
 
     options = ServerOptions(
-        encode=args.encode, codec=args.codec, bitrate=parse_bitrate(args.bitrate), vp8_speed=vp8_speed,
+        encode=args.encode, codec=args.codec, bitrate=bitrate, vp8_speed=vp8_speed,
         security=SecurityConfig(viewer_token=args.viewer_token, control_token=args.control_token,
                                 exempt_loopback=not args.no_loopback_exempt, rate_per_s=args.signalling_rate,
                                 cors_origins=list(args.cors_origin)),
