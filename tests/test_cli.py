@@ -127,3 +127,26 @@ def test_machine_facts_read_the_cpu_model_and_fall_back(tmp_path):
     assert cpu_model(tmp_path / "missing") == (platform.processor() or "?")
     mem = memory_gib()
     assert mem is None or 0.1 < mem < 1 << 20
+
+
+def test_cpu_id_tells_apart_vms_with_the_same_model_name(tmp_path):
+    """Two VMs that both say "AMD EPYC" (and ran the benchmarks at different speeds) differ in family, model and
+    clock: cpu_id reads them from the first processor's block only, leaves out what is missing, and a report line
+    shows it beside the name (old JSON without it keeps the bare name)."""
+    from sonomaly.tools.machine import cpu_id, cpu_label
+
+    info = tmp_path / "cpuinfo"
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {fam}\nmodel\t\t: {mod}\n"
+             "model name\t: AMD EPYC\nstepping\t: 0\ncpu MHz\t\t: {mhz}\n\n")
+    info.write_text(block.format(n=0, fam=23, mod=49, mhz="2245.780") + block.format(n=1, fam=25, mod=1, mhz="1.0"))
+    zen2 = cpu_id(info)
+    assert zen2 == "AuthenticAMD family 23 model 49 stepping 0, 2246 MHz"
+    info.write_text(block.format(n=0, fam=25, mod=1, mhz="2445.4"))
+    assert cpu_id(info) == "AuthenticAMD family 25 model 1 stepping 0, 2445 MHz" != zen2
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu MHz\t\t: unknown\n")
+    assert cpu_id(info) == "GenuineIntel"  # an unreadable clock is left out, not a traceback
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert cpu_id(info) == "" and cpu_id(tmp_path / "missing") == ""
+    assert cpu_label({"cpu": "AMD EPYC", "cpu_id": zen2}) == f"AMD EPYC ({zen2})"
+    assert cpu_label({"cpu_model": "Intel Xeon", "cpu_id": ""}, "cpu_model") == "Intel Xeon"
+    assert cpu_label({"cpu": "AMD EPYC"}) == "AMD EPYC"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sonomaly.tools.machine import cpu_model
+from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model
 
 FAMILIES = ("conv_ae", "ae", "patch_gaussian", "student_teacher", "draem", "classifier")
 # training steps per family at the benchmark size (epochs are derived from the fit-set size, so runs are
@@ -311,7 +311,7 @@ def run(args) -> int:
     results["summary"] = summarise(results)
     note = results.get("machine", {}).get("note") if args.merge else None  # a merged file keeps its note (which
     # rows ran on which machine): edit it by hand when a merge adds rows from another machine
-    results["machine"] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
+    results["machine"] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "cpu_id": cpu_id(), "platform": platform.platform(),
                           "python": platform.python_version(), "torch": torch.__version__,
                           "note": note or "2 cores; heavy runs serialised with flock"}
     prev = results.get("settings", {})
@@ -373,7 +373,7 @@ def write_md(results: dict, path: str | Path, commands: list[str] | None = None,
     m = results.get("machine", {})
     st = results.get("settings", {})
     lines = ["# Detector benchmark — families × datasets", "",
-             f"Machine: {m.get('cpu', '?')}, nproc {m.get('nproc', '?')} ({m.get('note', '')}); "
+             f"Machine: {cpu_label(m)}, nproc {m.get('nproc', '?')} ({m.get('note', '')}); "
              f"{m.get('platform', '')}; Python {m.get('python', '')}, torch {m.get('torch', '')}.", "",
              f"Training/evaluation size {st.get('size')}²"
              + "".join(f", {lb} {sz}²" for lb, sz in sorted(st.get("sizes", {}).items()) if sz != st.get("size"))

@@ -16,6 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from sonomaly.tools.machine import cpu_label
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -166,7 +168,7 @@ def run(args) -> int:
         m = result["machine"]
         cmd = " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "encoder"] else ""
         lines = ["# Shared encoder: speed against quality", "",
-                 f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, PyAV {m['pyav']}. What `serve` "
+                 f"Machine: {cpu_label(m)}, {m['cores']} cores; Python {m['python']}, PyAV {m['pyav']}. What `serve` "
                  f"sends: `{result['clip']}` composed with the heatmap of `{Path(args.model).name}`, its contours, gauge "
                  f"and HUD, {w}x{h}, {args.frames} frames at 30 fps, encoded with the shared encoder's settings on one "
                  f"thread, every packet decoded again and compared with its input. Times: the median over {args.repeats} "

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from sonomaly.tools.machine import cpu_model, memory_gib
+from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model, memory_gib
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
@@ -65,7 +65,7 @@ def machine() -> dict[str, Any]:
     cpu, mem_gb = cpu_model(), memory_gib()
     ok, why = available()
     return {"nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "cpu_model": cpu, "memory_gb": mem_gb, "machine": platform.machine(), "os": platform.platform(),
+            "cpu_model": cpu, "cpu_id": cpu_id(), "memory_gb": mem_gb, "machine": platform.machine(), "os": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "ort_providers": onnxruntime.get_available_providers(), "opencv": cv2.__version__,
@@ -298,7 +298,7 @@ def _fmt_row(r: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
     lines = [f"Run {result['started']} ({result['seconds']:.0f} s): `{result['command']}`", "",
-             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GiB, {m['os']}; Python {m['python']}, "
+             f"Machine: {m['nproc']} CPUs ({cpu_label(m, 'cpu_model')}), {m['memory_gb']} GiB, {m['os']}; Python {m['python']}, "
              f"torch {m['torch']}, onnx {m['onnx']}, onnxruntime {m['onnxruntime']} ({', '.join(m['ort_providers'])}), "
              f"numpy {m['numpy']}, OpenCV {m['opencv']}. GPU: {m['gpu']}. TensorRT: {m['tensorrt']}. "
              f"{m['shared_machine']}.", "",

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sonomaly.tools.machine import cpu_model
+from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"native": None, "640x480": (640, 480), "1280x720": (1280, 720), "1920x1080": (1920, 1080)}
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def machine() -> dict:
     import onnxruntime
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__, "platform": platform.platform()}
 
 
@@ -130,7 +130,7 @@ def run(args) -> int:
     if args.md:
         m = result["machine"]
         lines = ["# Pipeline stages — ms per frame (p50 / p99)", "",
-                 f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, ONNX Runtime {m['onnxruntime']}, "
+                 f"Machine: {cpu_label(m)}, {m['cores']} cores; Python {m['python']}, ONNX Runtime {m['onnxruntime']}, "
                  f"OpenCV {m['opencv']}. Model `{engine.card.name}` on {engine.backend}; clip `{result['clip']}` "
                  f"resized to each size; {args.frames} frames per size after 10 warm-up frames. "
                  f"Command: `sonomaly bench pipeline {' '.join(sys.argv[3:]) if sys.argv[1:3] == ['bench', 'pipeline'] else ''}` "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sonomaly.tools.machine import cpu_model
+from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
@@ -224,7 +224,7 @@ def _machine() -> dict:
     import aiortc
     import av
 
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "python": platform.python_version(),
             "aiortc": aiortc.__version__, "av": av.__version__, "load_avg_at_start": os.getloadavg()}
 
 
@@ -253,7 +253,7 @@ def write_md(result: dict, path: str) -> str:
         f"after the warm-up; aiortc viewers in one process on the same machine (they do not decode; their process "
         f"used at most {max(p['client_cpu_pct'] for p in points):.0f} % of a core).",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, shared with other engineers' work (run under the "
+        f"Machine: {cpu_label(machine)}, {machine['cores']} cores, shared with other engineers' work (run under the "
         f"shared benchmark lock; load average at start {machine['load_avg_at_start'][0]:.1f}, at end "
         f"{result['load_avg_at_end'][0]:.1f}); Python {machine['python']}, aiortc {machine['aiortc']}, "
         f"PyAV {machine['av']}.",

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from sonomaly.stream import stamp
-from sonomaly.tools.machine import cpu_model, memory_gib
+from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model, memory_gib
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -106,7 +106,7 @@ def summarise(values_ms) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "python": platform.python_version(),
+    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "cpu_id": cpu_id(), "python": platform.python_version(),
                             "platform": platform.platform(), "loadavg_at_start": list(os.getloadavg())}
     if (mem := memory_gib()) is not None:
         info["memory_gib"] = mem
@@ -1070,7 +1070,7 @@ def markdown(report: dict) -> str:
     """The report's tables in Markdown (machine, results, stages, viewers, comparisons)."""
     m = report.get("machine", {})
     c = report.get("config", {})
-    out: list[str] = [f"Machine: {m.get('nproc')} × {m.get('cpu')}, {m.get('memory_gib', '?')} GiB; Python "
+    out: list[str] = [f"Machine: {m.get('nproc')} × {cpu_label(m)}, {m.get('memory_gib', '?')} GiB; Python "
                       f"{m.get('python')}, aiortc {m.get('aiortc')}, PyAV {m.get('av')}, ONNX Runtime "
                       f"{m.get('onnxruntime')}."]
     if c:

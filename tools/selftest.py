@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sonomaly.tools.machine import cpu_model
+from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpu": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "nproc": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -106,7 +106,7 @@ def report(results: list[Any], machine: dict[str, Any], wall_s: float) -> str:
         "leaks (fds, threads, peer connections; RSS growth under 5 % after the connect/disconnect cycles).",
         "",
         f"Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {wall_s:.0f} s. Machine: "
-        f"{machine['cpu']}, {machine['nproc']} cores shared with other jobs (load average "
+        f"{cpu_label(machine)}, {machine['nproc']} cores shared with other jobs (load average "
         f"{machine['loadavg']} at the end), Python {machine['python']}.",
         "",
         f"**{passed} of {len(results)} scenarios passed every check**"
