@@ -169,6 +169,33 @@ def test_cli_serves_sonomaly_and_the_naive_baseline(tmp_path, demo_clip, lung_mo
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_merged_reports_compare_each_run_only_with_its_own_kind():
+    """A sweep merged from several sessions (--from-json: Chromium with the naive baseline, a no-model control, an
+    aiortc sweep, a 120-s run) holds five runs with server "sonomaly" and 1 viewer. Each ratio pairs runs of one
+    command: before, the last such run won, and the naive Chromium run was divided by an aiortc run."""
+    def run(server, viewer, n, p99, seconds=30.0, label=None, model="lung"):
+        return {"server": server, "viewer": viewer, "viewers": n, "seconds": seconds, "label": label or server,
+                "health": {"model": None if server == "naive" else model},
+                "glass_to_glass_ms": {"n": 100, "p50": p99 / 2, "p99": p99}}
+
+    sweep = {"runs": [run("sonomaly", "chromium", 1, 50.0), run("naive", "chromium", 1, 150.0),
+                      run("sonomaly", "chromium", 8, 100.0), run("naive", "chromium", 8, 1000.0)]}
+    control = {"runs": [run("sonomaly", "chromium", 1, 40.0, model=None),
+                        run("sonomaly", "chromium", 8, 400.0, seconds=31.0, model=None)]}
+    other = {"runs": [run("sonomaly", "aiortc", 1, 60.0, seconds=20.0), run("sonomaly", "aiortc", 8, 90.0, seconds=20.0),
+                      run("sonomaly", "chromium", 1, 30.0, 120.0, "sonomaly (chromium, 120 s)"),
+                      run("naive", "chromium", 1, 120.0, 120.0, "naive (chromium, 120 s)"),
+                      run("sonomaly", "chromium", 1, 45.0, label="sonomaly --playout-delay=off")]}
+    c = latency.merge_reports([sweep, control, other])["comparisons"]
+    assert c["naive_over_sonomaly_1_viewers"]["p99"] == 3.0 and c["naive_over_sonomaly_8_viewers"]["p99"] == 10.0
+    assert c["sonomaly_8_over_1_viewer_p99"] == 2.0 and c["naive_8_over_1_viewer_p99"] == pytest.approx(6.667)
+    assert c["chromium_30s_nomodel_sonomaly_8_over_1_viewer_p99"] == 10.0
+    assert c["aiortc_20s_sonomaly_8_over_1_viewer_p99"] == 1.5
+    assert c["chromium_120s_naive_over_sonomaly_1_viewers"]["p99"] == 4.0
+    assert not any("playout" in k for k in c)  # a lone run has nothing to be compared with
+    assert latency.merge_reports([sweep])["comparisons"] == latency.comparisons(sweep["runs"])
+
+
 def test_drift_compares_the_first_and_last_full_windows():
     def run(lat_of_t):
         recs = _records(750)  # 25 s at 30 fps

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -1036,19 +1037,43 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _comparison_group(r: dict) -> tuple:
+    """Which runs may be compared with each other: the same receiver, run length (to 10 s), serve arguments and
+    with or without a model. A report merged from several sessions (``--from-json``) holds runs of every kind; a naive
+    run is paired with the Sonomaly run of its own command, never with an aiortc, no-model or 120-s run."""
+    label = str(r.get("label") or r["server"])
+    label = re.sub(r"\s*\((chromium|aiortc), [\d.]+ s\)$", "", label)
+    if label.split(" ", 1)[0] == r["server"]:
+        label = label[len(r["server"]):].strip()
+    health = r.get("health")
+    has_model = r["server"] == "naive" or not isinstance(health, dict) or health.get("model") is not None
+    return r["viewer"], round(float(r.get("seconds") or 0) / 10), label, has_model
+
+
 def comparisons(runs: list[dict]) -> dict[str, Any]:
-    """Ratios from one session: naive / Sonomaly per viewer count, and N-viewer / 1-viewer for each server."""
+    """Ratios within each group of comparable runs (:func:`_comparison_group`): naive / Sonomaly per viewer count,
+    and N-viewer / 1-viewer for each server. The first run's group has the plain names
+    (``naive_over_sonomaly_1_viewers``); every other group's names start with what sets it apart
+    (e.g. ``aiortc_20s_``, ``chromium_30s_nomodel_``)."""
     out: dict[str, Any] = {}
-    by = {(r["server"], r["viewers"]): r for r in runs if r["glass_to_glass_ms"].get("n")}
-    for (server, n), r in sorted(by.items()):
-        if server == "naive" and ("sonomaly", n) in by:
-            s = by[("sonomaly", n)]["glass_to_glass_ms"]
-            g = r["glass_to_glass_ms"]
-            out[f"naive_over_sonomaly_{n}_viewers"] = {"p50": round(g["p50"] / s["p50"], 3),
-                                                       "p99": round(g["p99"] / s["p99"], 3)}
-        if n > 1 and (server, 1) in by:
-            one = by[(server, 1)]["glass_to_glass_ms"]
-            out[f"{server}_{n}_over_1_viewer_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["p99"], 3)
+    groups: dict[tuple, dict[tuple, dict]] = {}
+    for r in runs:
+        if r["glass_to_glass_ms"].get("n"):
+            groups.setdefault(_comparison_group(r), {}).setdefault((r["server"], r["viewers"]), r)
+    for i, (group, by) in enumerate(groups.items()):
+        viewer, tens, label, has_model = group
+        prefix = "" if i == 0 else "_".join(
+            [viewer, f"{tens * 10}s", *([] if has_model else ["nomodel"]),
+             *([re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")] if label else [])]) + "_"
+        for (server, n), r in sorted(by.items()):
+            if server == "naive" and ("sonomaly", n) in by:
+                s = by[("sonomaly", n)]["glass_to_glass_ms"]
+                g = r["glass_to_glass_ms"]
+                out[f"{prefix}naive_over_sonomaly_{n}_viewers"] = {"p50": round(g["p50"] / s["p50"], 3),
+                                                                   "p99": round(g["p99"] / s["p99"], 3)}
+            if n > 1 and (server, 1) in by:
+                one = by[(server, 1)]["glass_to_glass_ms"]
+                out[f"{prefix}{server}_{n}_over_1_viewer_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["p99"], 3)
     return out
 
 
