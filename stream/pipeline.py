@@ -81,6 +81,11 @@ class PipelineConfig:
     as the rest). When the CPU is short the kernel then favours the grab → compose → encode → send path and the
     heatmaps slow down ("AI DELAYED"), but the worker also yields to every other process on the machine, so it is
     off by default (docs/ENGINES.md has the measurements). Lowering one's own priority needs no privilege."""
+    ai_max_fps: float | None = None
+    """At most this many heatmaps a second (None, the default: one for every frame the worker can take). The worker
+    rests between frames and then takes the newest one, like DeepStream's inference ``interval``: the CPU it frees
+    goes to the encoder, the sender and the viewers. Every frame still goes out; each shows the newest heatmap while
+    that is younger than ``max_ai_lag_ms`` (keep ``1000 / ai_max_fps`` well under it)."""
 
 
 @dataclass
@@ -227,6 +232,7 @@ class Pipeline:
         self._fps_times: deque[int] = deque(maxlen=64)
         self._working_on: tuple[int, int] | None = None  # (frame id, start ns) of the frame the worker is on
         self._ai_ms_ema: float | None = None  # smoothed worker time per frame, to decide whether waiting pays
+        self._ai_rest_until_ns = 0  # with ai_max_fps: the worker takes no frame before this time
         self.ai_thread_nice: int | None = None  # the worker thread's nice value once it runs (None: not set)
         self._worker = threading.Thread(target=self._work, name="sonomaly-worker", daemon=True)
         self._composer = threading.Thread(target=self._compose_loop, name="sonomaly-composer", daemon=True)
@@ -283,6 +289,10 @@ class Pipeline:
         self.ai_thread_nice = lower_thread_priority(self.config.ai_nice)
         seq = 0
         while not self._stop.is_set():
+            rest_s = (self._ai_rest_until_ns - now_ns()) / 1e9
+            if rest_s > 0:
+                self._stop.wait(rest_s)
+                continue
             seq, frame = self.grabber.slot.get_newer(seq, timeout=0.2, take=False)
             if frame is None or self._stop.is_set() or not frame.signal:
                 continue
@@ -293,6 +303,8 @@ class Pipeline:
             stages: dict[str, tuple[int, int]] = {}
             t = now_ns()
             self._working_on = (frame.id, t)
+            if self.config.ai_max_fps:
+                self._ai_rest_until_ns = t + int(1e9 / self.config.ai_max_fps)
             try:
                 region = self.tracker.update(frame.image)  # the smoother resets itself on a region change
                 t1 = now_ns()
@@ -401,8 +413,8 @@ class Pipeline:
         if ema is not None and self.config.ai_wait_ms > 0 and not self.ai_failing:
             # Wait only when the worker is on this very frame (or idle, so about to take it) and its recent time per
             # frame says it will finish inside the window; a busy or slow worker costs no waiting at all.
-            if working is None:
-                expected = now_ns() + int(ema * 1.2e6)
+            if working is None:  # idle: it takes this frame now, or when its rest (ai_max_fps) is over
+                expected = max(now_ns(), self._ai_rest_until_ns) + int(ema * 1.2e6)
             elif working[0] == frame.id:
                 expected = working[1] + int(ema * 1.2e6)
             else:

@@ -105,6 +105,26 @@ def test_fast_engine_draws_heatmaps_at_the_source_rate(demo_clip, engine):
         assert stage in rec["stages_ms"] and rec["stages_ms"][stage] >= 0
 
 
+def test_ai_max_fps_caps_the_heatmaps_not_the_video(demo_clip, engine):
+    """``ai_max_fps``: the worker makes at most that many heatmaps a second (each from the newest frame), every frame
+    still goes out with the newest heatmap, and the composer does not wait for heatmaps of frames the resting worker
+    will never take (a 40-ms alignment window, long enough that waiting on each of them would show: ~24 ms a
+    frame); without the cap the same worker keeps up with the source."""
+    seen = {}
+    for cap in (8.0, None):
+        p = Pipeline(source(demo_clip), engine, PipelineConfig(ai_max_fps=cap, max_ai_lag_ms=300, ai_wait_ms=40))
+        items = run(p, 2.0)
+        ai_ids = {m["ai_frame_id"] for _, m, _ in items if m["ai"] == "ok"}
+        waits = [r["stages_ms"]["ai_wait"] for r in list(p.records)[-40:] if "ai_wait" in r["stages_ms"]]
+        seen[cap] = ai_ids
+        assert len(items) >= 0.85 * 2.0 * FPS  # the video is not capped
+        assert sum(m["ai"] == "ok" for _, m, _ in items) >= 0.9 * len(items)  # each frame shows a heatmap
+        if cap:
+            assert 0.6 * cap * 2.0 <= len(ai_ids) <= cap * 2.0 + 2, len(ai_ids)
+            assert float(np.median(waits)) < 2.0, waits  # frames between heatmaps are not held back
+    assert len(seen[None]) >= 2 * len(seen[8.0])
+
+
 def test_heatmaps_made_at_map_side_are_drawn_over_the_whole_frame(demo_clip, engine):
     """``map_side``: the worker's maps are smaller than the frame (frame-aligned), and the composer still draws them:
     the same frames composed from full-size maps (``map_side=None``) look the same."""

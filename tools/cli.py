@@ -5,6 +5,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -53,6 +54,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ai-nice", type=int, default=0, metavar="N",
                    help="run the AI worker thread N nice levels below the video path, 0..19 (default 0: the same "
                         "priority); it then yields to every other process too (docs/ENGINES.md)")
+    p.add_argument("--ai-max-fps", type=float, default=None, metavar="F",
+                   help="at most F heatmaps a second (default: one per frame the worker can take); the CPU it frees "
+                        "goes to the encoder and the viewers, every frame still goes out (docs/ENGINES.md)")
     p.add_argument("--no-hud", action="store_true", help="hide the HUD (fps, latency, backend, model)")
     p.add_argument("--log-level", default="info")
     g = p.add_argument_group("streaming (docs/STREAMING.md)")
@@ -156,6 +160,9 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     if not 0 <= args.ai_nice <= 19:
         print(f"sonomaly: --ai-nice must be 0..19, not {args.ai_nice}", file=sys.stderr)
         return 2
+    if args.ai_max_fps is not None and not (math.isfinite(args.ai_max_fps) and args.ai_max_fps > 0):
+        print(f"sonomaly: --ai-max-fps must be a number above 0, not {args.ai_max_fps}", file=sys.stderr)
+        return 2
     try:
         playout_delay = parse_playout(args.playout_delay)
     except ValueError as e:
@@ -185,7 +192,7 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     live = source_uri.removeprefix("stamp:").startswith(LIVE_PREFIXES)  # stamp: = frame-id barcode (latency)
     source = ReconnectingSource(lambda: open_source(source_uri, loop=loop), reconnect_on_end=live)
     config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms, hud=not args.no_hud,
-                            ai_nice=args.ai_nice)
+                            ai_nice=args.ai_nice, ai_max_fps=args.ai_max_fps)
     pipeline = Pipeline(source, engine, config)
     from sonomaly.stream.app import ServerOptions
     from sonomaly.stream.recorder import EventConfig
