@@ -542,6 +542,7 @@ class Pipeline:
             "compose_errors": self.compose_errors,
             "ai_reason": self.ai_reason,
             "ai_thread_nice": self.ai_thread_nice,
+            "ai_max_fps": self.config.ai_max_fps,
             "source": {
                 "uri": getattr(src, "uri", None),
                 "state": getattr(src, "state", "ended" if self.grabber.ended else "live"),

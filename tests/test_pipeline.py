@@ -117,6 +117,7 @@ def test_ai_max_fps_caps_the_heatmaps_not_the_video(demo_clip, engine):
         ai_ids = {m["ai_frame_id"] for _, m, _ in items if m["ai"] == "ok"}
         waits = [r["stages_ms"]["ai_wait"] for r in list(p.records)[-40:] if "ai_wait" in r["stages_ms"]]
         seen[cap] = ai_ids
+        assert p.stats()["ai_max_fps"] == cap  # /health says the cap
         assert len(items) >= 0.85 * 2.0 * FPS  # the video is not capped
         assert sum(m["ai"] == "ok" for _, m, _ in items) >= 0.9 * len(items)  # each frame shows a heatmap
         if cap:
