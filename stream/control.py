@@ -1,7 +1,7 @@
 """The control API (FastAPI router; OpenAPI at ``/docs``): model and backend, display settings, snapshot, recording,
 event clips and the viewers' feedback.
 
-* ``GET /api/control`` — everything at once; ``PATCH /api/control/settings`` — threshold, opacity, overlay, smoothing.
+* ``GET /api/control`` — everything at once; ``PATCH /api/control/settings`` — threshold, opacity, overlay, smoothing, AI rate.
 * ``PUT /api/control/model`` — load another model or backend in a thread, then swap it in with
   ``Pipeline.set_engine``: the video never stops (the composer keeps sending raw frames under "AI DELAYED"/"AI OFF"
   meanwhile). ``GET /api/control/models`` lists the models found.
@@ -40,6 +40,8 @@ class Settings(BaseModel):
     opacity: float | None = Field(None, ge=0, le=1, description="heatmap opacity")
     overlay: bool | None = Field(None, description="draw the heatmap, contours and gauge")
     smoothing: float | None = Field(None, ge=0, lt=1, description="temporal smoothing alpha (0: off)")
+    ai_max_fps: float | None = Field(None, ge=0, le=1000, description="at most this many heatmaps a second "
+                                                                      "(0: no cap; the video is never capped)")
 
 
 class ModelChoice(BaseModel):
@@ -98,7 +100,7 @@ class ControlState:
     def settings(self) -> dict:
         cfg = self.pipeline.config
         return {"threshold": cfg.style.threshold, "opacity": cfg.style.opacity, "overlay": cfg.overlay_enabled,
-                "smoothing": cfg.temporal_alpha or 0.0}
+                "smoothing": cfg.temporal_alpha or 0.0, "ai_max_fps": cfg.ai_max_fps or 0.0}
 
     def snapshot(self) -> dict:
         p = self.pipeline
@@ -125,7 +127,7 @@ def router(state: ControlState, guard) -> APIRouter:
     async def get_control() -> dict:
         return state.snapshot()
 
-    @r.patch("/api/control/settings", dependencies=control, summary="Threshold, opacity, overlay, smoothing")
+    @r.patch("/api/control/settings", dependencies=control, summary="Threshold, opacity, overlay, smoothing, AI rate")
     async def set_settings(s: Settings) -> dict:
         p = state.pipeline
         cfg = p.config
@@ -138,6 +140,9 @@ def router(state: ControlState, guard) -> APIRouter:
         if s.smoothing is not None:
             cfg.temporal_alpha = float(s.smoothing) or None
             p._reset_smoother()
+        if s.ai_max_fps is not None:
+            cfg.ai_max_fps = float(s.ai_max_fps) or None
+            p._ai_rest_until_ns = 0  # a lifted or changed cap applies from the next frame, not after the old rest
         return state.settings()
 
     @r.get("/api/control/models", dependencies=control, summary="Models found in the models directory")

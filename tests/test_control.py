@@ -48,13 +48,39 @@ def test_get_and_set_display_settings(app_client):
     r = c.patch("/api/control/settings", headers=AUTH,
                 json={"threshold": 1.5, "opacity": 0.3, "overlay": False, "smoothing": 0.2})
     assert r.status_code == 200, r.text
-    assert r.json() == {"threshold": 1.5, "opacity": 0.3, "overlay": False, "smoothing": 0.2}
+    assert r.json() == {"threshold": 1.5, "opacity": 0.3, "overlay": False, "smoothing": 0.2, "ai_max_fps": 0.0}
     seq = c.pipeline.out.slot.seq
     assert run_until(lambda: c.pipeline.out.slot.seq > seq + 2, 5)
     assert c.pipeline.out.latest().meta["threshold"] == 1.5  # the metadata channel carries the display threshold
     r = c.patch("/api/control/settings", headers=AUTH, json={"threshold": 1.0, "opacity": 0.6, "overlay": True})
     assert r.status_code == 200
     assert c.patch("/api/control/settings", headers=AUTH, json={"opacity": 3}).status_code == 422
+
+
+def test_ai_rate_is_capped_and_uncapped_live(app_client):
+    """``ai_max_fps`` through the control API: the heatmaps slow to the cap while the video goes on at its rate, and
+    0 lifts the cap at once."""
+    c = app_client
+    p = c.pipeline
+
+    def rates(seconds=2.0):
+        a0, f0 = p.ai_frames, p.out.slot.seq
+        time.sleep(seconds)
+        return (p.ai_frames - a0) / seconds, (p.out.slot.seq - f0) / seconds
+
+    try:
+        r = c.patch("/api/control/settings", headers=AUTH, json={"ai_max_fps": 4})
+        assert r.status_code == 200 and r.json()["ai_max_fps"] == 4.0 and p.stats()["ai_max_fps"] == 4.0
+        time.sleep(0.5)
+        ai, video = rates()
+        assert 2.0 <= ai <= 5.5 and video >= 20, (ai, video)
+        assert c.patch("/api/control/settings", headers=AUTH, json={"ai_max_fps": 0}).json()["ai_max_fps"] == 0.0
+        time.sleep(0.5)
+        ai2, video2 = rates()
+        assert ai2 >= 2.5 * ai and video2 >= 20, (ai2, video2)
+        assert c.patch("/api/control/settings", headers=AUTH, json={"ai_max_fps": -1}).status_code == 422
+    finally:
+        p.config.ai_max_fps = None
 
 
 def test_snapshot_png(app_client):
