@@ -141,8 +141,7 @@ def router(state: ControlState, guard) -> APIRouter:
             cfg.temporal_alpha = float(s.smoothing) or None
             p._reset_smoother()
         if s.ai_max_fps is not None:
-            cfg.ai_max_fps = float(s.ai_max_fps) or None
-            p._ai_rest_until_ns = 0  # a lifted or changed cap applies from the next frame, not after the old rest
+            p.set_ai_max_fps(float(s.ai_max_fps))  # a resting worker wakes: the new cap counts from now
         return state.settings()
 
     @r.get("/api/control/models", dependencies=control, summary="Models found in the models directory")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 import threading
@@ -233,6 +234,7 @@ class Pipeline:
         self._working_on: tuple[int, int] | None = None  # (frame id, start ns) of the frame the worker is on
         self._ai_ms_ema: float | None = None  # smoothed worker time per frame, to decide whether waiting pays
         self._ai_rest_until_ns = 0  # with ai_max_fps: the worker takes no frame before this time
+        self._ai_wake = threading.Event()  # ends a rest early (a new cap, stop)
         self.ai_thread_nice: int | None = None  # the worker thread's nice value once it runs (None: not set)
         self._worker = threading.Thread(target=self._work, name="sonomaly-worker", daemon=True)
         self._composer = threading.Thread(target=self._compose_loop, name="sonomaly-composer", daemon=True)
@@ -247,6 +249,7 @@ class Pipeline:
 
     def stop(self, timeout: float = 3.0) -> None:
         self._stop.set()
+        self._ai_wake.set()
         self.grabber.stop(timeout)
         self.grabber.slot.close()
         self._composer.join(timeout)
@@ -265,6 +268,15 @@ class Pipeline:
             self.ai_failing = engine is None
             self.ai_reason = None if engine is not None else "no model loaded"
             self._reset_smoother()
+
+    def set_ai_max_fps(self, fps: float | None) -> None:
+        """Change :attr:`PipelineConfig.ai_max_fps` live (None or 0: no cap); a resting worker takes the next frame
+        at once and the new cap counts from there."""
+        if fps is not None and not (math.isfinite(fps) and fps >= 0):
+            raise ValueError(f"ai_max_fps must be a number of 0 or more, not {fps}")
+        self.config.ai_max_fps = float(fps) if fps else None
+        self._ai_rest_until_ns = 0
+        self._ai_wake.set()
 
     @staticmethod
     def stamp_record(out: OutputFrame, stage: str, start_ns: int, end_ns: int) -> None:
@@ -291,7 +303,8 @@ class Pipeline:
         while not self._stop.is_set():
             rest_s = (self._ai_rest_until_ns - now_ns()) / 1e9
             if rest_s > 0:
-                self._stop.wait(rest_s)
+                self._ai_wake.wait(rest_s)
+                self._ai_wake.clear()
                 continue
             seq, frame = self.grabber.slot.get_newer(seq, timeout=0.2, take=False)
             if frame is None or self._stop.is_set() or not frame.signal:

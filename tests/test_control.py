@@ -79,6 +79,13 @@ def test_ai_rate_is_capped_and_uncapped_live(app_client):
         ai2, video2 = rates()
         assert ai2 >= 2.5 * ai and video2 >= 20, (ai2, video2)
         assert c.patch("/api/control/settings", headers=AUTH, json={"ai_max_fps": -1}).status_code == 422
+        # a long rest ends when the cap is lifted, not when the old rest would have
+        c.patch("/api/control/settings", headers=AUTH, json={"ai_max_fps": 0.25})
+        time.sleep(0.5)
+        n = p.ai_frames
+        t0 = time.monotonic()
+        c.patch("/api/control/settings", headers=AUTH, json={"ai_max_fps": 0})
+        assert run_until(lambda: p.ai_frames >= n + 3, 2.0) and time.monotonic() - t0 < 2.0
     finally:
         p.config.ai_max_fps = None
 

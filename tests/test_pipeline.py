@@ -124,6 +124,9 @@ def test_ai_max_fps_caps_the_heatmaps_not_the_video(demo_clip, engine):
             assert 0.6 * cap * 2.0 <= len(ai_ids) <= cap * 2.0 + 2, len(ai_ids)
             assert float(np.median(waits)) < 2.0, waits  # frames between heatmaps are not held back
     assert len(seen[None]) >= 2 * len(seen[8.0])
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            p.set_ai_max_fps(bad)
 
 
 def test_heatmaps_made_at_map_side_are_drawn_over_the_whole_frame(demo_clip, engine):
