@@ -306,6 +306,7 @@ def test_bench_latency_only_times_every_label_at_the_size_with_its_own_config(tm
     import json
 
     from sonomaly.tools.cli import main
+    from sonomaly.tools.machine import cpu_model
 
     runs = {"lung/draem/0": {"as_is": {}}, "lung/draem+ens2/0": {"as_is": {}}, "busi/classifier/0": {"as_is": {}}}
     cfg = {"draem+ens2": {"lung": dict(FAST["draem"][0], members=2)}, "draem": {"lung": FAST["draem"][0]},
@@ -321,6 +322,7 @@ def test_bench_latency_only_times_every_label_at_the_size_with_its_own_config(tm
     assert at["draem"]["size"] == at["draem+ens2"]["size"] == SIZE and at["classifier"]["size"] == 2 * SIZE
     assert at["draem+ens2"]["params"] == 2 * at["draem"]["params"]
     assert all(a["ms_1t"] > 0 and a["ms_2t"] > 0 for a in at.values())
+    assert all(a["machine"].startswith(cpu_model()) for a in at.values())  # where each timing was made
     assert main(["bench", "detectors", "--latency-only", "--json", str(tmp_path / "none.json")]) == 2
 
 

@@ -119,7 +119,8 @@ def count_params(model) -> int:
 
 
 def onnx_latency(family: str, cfg: dict, size: int = 256, n: int = 60) -> dict:
-    """ms per frame of the family's ``size``² ONNX export (weights untrained: the graph and its cost are the same)."""
+    """ms per frame of the family's ``size``² ONNX export (weights untrained: the graph and its cost are the same),
+    with the machine it was timed on."""
     import onnxruntime as ort
 
     from sonomaly.engines.models import build
@@ -146,6 +147,7 @@ def onnx_latency(family: str, cfg: dict, size: int = 256, n: int = 60) -> dict:
                 s.run(None, {"input": x})
                 t.append(time.perf_counter() - t0)
             out[f"ms_{th}t"] = round(float(np.median(t) * 1e3), 2)
+        out["machine"] = cpu_label({"cpu": cpu_model(), "cpu_id": cpu_id()})  # the rows of one file come from many
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
