@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model
+from sonomaly.tools.machine import cpu_fields, cpu_label
 
 FAMILIES = ("conv_ae", "ae", "patch_gaussian", "student_teacher", "draem", "classifier")
 # training steps per family at the benchmark size (epochs are derived from the fit-set size, so runs are
@@ -147,7 +147,7 @@ def onnx_latency(family: str, cfg: dict, size: int = 256, n: int = 60) -> dict:
                 s.run(None, {"input": x})
                 t.append(time.perf_counter() - t0)
             out[f"ms_{th}t"] = round(float(np.median(t) * 1e3), 2)
-        out["machine"] = cpu_label({"cpu": cpu_model(), "cpu_id": cpu_id()})  # the rows of one file come from many
+        out["machine"] = cpu_label(cpu_fields())  # the rows of one file come from many
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -313,7 +313,7 @@ def run(args) -> int:
     results["summary"] = summarise(results)
     note = results.get("machine", {}).get("note") if args.merge else None  # a merged file keeps its note (which
     # rows ran on which machine): edit it by hand when a merge adds rows from another machine
-    results["machine"] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "cpu_id": cpu_id(), "platform": platform.platform(),
+    results["machine"] = {"nproc": os.cpu_count(), **cpu_fields(), "platform": platform.platform(),
                           "python": platform.python_version(), "torch": torch.__version__,
                           "note": note or "2 cores; heavy runs serialised with flock"}
     prev = results.get("settings", {})

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model
+from sonomaly.tools.machine import cpu_fields, cpu_label
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"native": None, "640x480": (640, 480), "1280x720": (1280, 720), "1920x1080": (1920, 1080)}
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def machine() -> dict:
     import onnxruntime
 
-    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "python": platform.python_version(),
+    return {**cpu_fields(), "cores": os.cpu_count(), "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__, "platform": platform.platform()}
 
 

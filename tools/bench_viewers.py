@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model
+from sonomaly.tools.machine import cpu_fields, cpu_label
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
@@ -224,7 +224,7 @@ def _machine() -> dict:
     import aiortc
     import av
 
-    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "cores": os.cpu_count(), "python": platform.python_version(),
+    return {**cpu_fields(), "cores": os.cpu_count(), "python": platform.python_version(),
             "aiortc": aiortc.__version__, "av": av.__version__, "load_avg_at_start": os.getloadavg()}
 
 

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from sonomaly.stream import stamp
-from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model, memory_gib
+from sonomaly.tools.machine import cpu_fields, cpu_label, memory_gib
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -107,7 +107,7 @@ def summarise(values_ms) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"nproc": os.cpu_count(), "cpu": cpu_model(), "cpu_id": cpu_id(), "python": platform.python_version(),
+    info: dict[str, Any] = {"nproc": os.cpu_count(), **cpu_fields(), "python": platform.python_version(),
                             "platform": platform.platform(), "loadavg_at_start": list(os.getloadavg())}
     if (mem := memory_gib()) is not None:
         info["memory_gib"] = mem

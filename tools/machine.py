@@ -44,6 +44,11 @@ def cpu_id(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     return f"{out}, {mhz}" if out else mhz
 
 
+def cpu_fields() -> dict[str, str]:
+    """This machine's CPU as every benchmark's machine block records it: ``cpu`` (the model name) and ``cpu_id``."""
+    return {"cpu": cpu_model(), "cpu_id": cpu_id()}
+
+
 def cpu_label(machine: dict, key: str = "cpu") -> str:
     """A machine block's CPU for a report line: the model name, with its ``cpu_id`` in brackets where recorded."""
     name, ident = machine.get(key, "?"), machine.get("cpu_id")

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sonomaly.tools.machine import cpu_id, cpu_label, cpu_model
+from sonomaly.tools.machine import cpu_fields, cpu_label
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _machine() -> dict[str, Any]:
-    return {"cpu": cpu_model(), "cpu_id": cpu_id(), "nproc": os.cpu_count(), "python": platform.python_version(),
+    return {**cpu_fields(), "nproc": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
