@@ -25,8 +25,8 @@ The code (``ROWS x COLS`` cells of ``cell`` px)::
   frame — the frame is padded on the left by a black band ``band_width(height, width)`` px wide (80 px at 450 lines:
   the code's 64 px and a gap, ``gap_width``, that keeps the scan-region detector from merging code and scan). The
   scan region detector ignores the band (background), so the model sees the same pixels either way.
-* **Decoding** (:func:`decode`, and the same algorithm in JavaScript, :data:`JS_DECODER`, for canvas pixels in a
-  browser): sample the cell centres, set the threshold half way between the guard cells' black and white levels,
+* **Decoding** (:func:`decode`, and the same algorithm in JavaScript, :data:`JS_DECODER`, for a browser: the luma
+  plane of a WebCodecs ``VideoFrame``, or canvas RGBA pixels): sample the cell centres, set the threshold half way between the guard cells' black and white levels,
   require clear contrast and every guard cell on the right side, then check the CRC. Anything else is unreadable
   (``None``; :func:`decode_detail` says whether there was no code at all or a damaged one), never a wrong id in
   practice (a false accept needs 8 guards and an 8-bit CRC to agree by chance).
@@ -211,7 +211,8 @@ def unwrap(code: int, reference: int) -> int:
     return min(candidates, key=lambda c: abs(c - reference))
 
 
-# JavaScript twin of `decode` for canvas pixels (RGBA ImageData of the whole frame or of the code's bounding box).
+# JavaScript twin of `decode` for browser pixels: RGBA ImageData of the whole frame or of the code's bounding box, or
+# the luma plane of the box (a VideoFrame's Y plane).
 # `sonomalyStamp.layout(h, w)` gives the box to read: {x0, y0, cell, width, height}.
 JS_DECODER = r"""
 (() => {
@@ -232,10 +233,12 @@ JS_DECODER = r"""
     return { x0: 0, y0: Math.floor(Math.floor((h - ROWS * c) / 2) / c) * c, cell: c, width: COLS * c,
              height: ROWS * c };
   }
-  // data: RGBA bytes of a box of width `bw` whose top-left pixel is frame pixel (ox, oy).
+  // data: RGBA bytes of a box of width `bw` whose top-left pixel is frame pixel (ox, oy); or, with `luma` given
+  // ({full: true|false}), one byte of luma (Y) a pixel: a VideoFrame's Y plane, full range or BT.601 limited range.
   // Returns the id, or null; `lastReason` says "ok", "no_code" (no guard pattern) or "damaged" (CRC fails).
   const api = { lastReason: "ok" };
-  function decode(data, bw, lay, ox, oy) {
+  function decode(data, bw, lay, ox, oy, luma) {
+    const px = luma ? 1 : 4, y0 = luma && !luma.full ? 16 : 0, k = luma && !luma.full ? 255 / 219 : 1;
     const c = lay.cell, a = Math.floor(c / 4), b = c - Math.floor(c / 4);
     const levels = [];
     for (let r = 0; r < ROWS; r++) {
@@ -245,8 +248,8 @@ JS_DECODER = r"""
         for (let y = a; y < b; y++) {
           const py = lay.y0 + r * c + y - oy;
           for (let x = a; x < b; x++) {
-            const i = (py * bw + (lay.x0 + q * c + x - ox)) * 4;
-            s += 0.299 * data[i] + 0.587 * data[i + 1] + 0.114 * data[i + 2]; n++;
+            const i = (py * bw + (lay.x0 + q * c + x - ox)) * px;
+            s += luma ? (data[i] - y0) * k : 0.299 * data[i] + 0.587 * data[i + 1] + 0.114 * data[i + 2]; n++;
           }
         }
         row.push(s / n);

@@ -265,7 +265,8 @@ def test_codes_survive_real_encode_decode(codec, size, bitrate, start, steps, cl
 # ------------------------------------------------------------------------------------------------------ in Chromium
 @pytest.mark.browser
 def test_javascript_decoder_agrees_with_numpy(browser):
-    """The browser's decoder (the harness reads canvas RGBA with it) gives the same ids, and None where numpy does."""
+    """The browser's decoder gives the same ids as numpy, and None where numpy does: on canvas RGBA, and on the luma
+    plane of a VideoFrame (full range, and BT.601 limited range: 16 + 219/255 of the gray level)."""
     page = browser.new_page()
     try:
         page.evaluate(f"window.S = {stamp.JS_DECODER}")
@@ -292,6 +293,13 @@ def test_javascript_decoder_agrees_with_numpy(browser):
                                " return [S.decode(d, bw, lay, lay.x0, lay.y0), S.lastReason]; }",
                                [base64.b64encode(rgba.tobytes()).decode(), lay.width, h, w])
             assert js == list(stamp.decode_detail(img)) and js[0] == want
+            gray = cv2.cvtColor(box[:, :, ::-1], cv2.COLOR_BGR2GRAY)
+            for full, y in ((True, gray), (False, np.round(16 + gray * (219 / 255)).astype(np.uint8))):
+                js = page.evaluate("([b64, bw, h, w, full]) => { const lay = S.layout(h, w);"
+                                   " const d = Uint8Array.from(atob(b64), c => c.charCodeAt(0));"
+                                   " return [S.decode(d, bw, lay, lay.x0, lay.y0, { full }), S.lastReason]; }",
+                                   [base64.b64encode(y.tobytes()).decode(), lay.width, h, w, full])
+                assert js == list(stamp.decode_detail(img)), (full, js)
             assert page.evaluate("([h, w]) => S.layout(h, w)", [h, w]) == {
                 "x0": lay.x0, "y0": lay.y0, "cell": lay.cell, "width": lay.width, "height": lay.height}
     finally:

@@ -129,11 +129,20 @@ def _check_run(r: dict, *, max_ms: float | None = 1000.0) -> None:
 
 
 @pytest.mark.browser
-def test_chromium_harness_on_a_served_clip(serve, browser, demo_clip, lung_model):
+@pytest.mark.parametrize("reader", ["videoframe", "canvas"])
+def test_chromium_harness_on_a_served_clip(serve, browser, demo_clip, lung_model, reader):
     server = serve("--source", f"stamp:{demo_clip}?fps=30", "--model", str(lung_model), "--loop")
-    r = latency.measure(server.url, "sonomaly", viewer="chromium", viewers=1, seconds=5, warmup=1.5,
-                        browser=browser, quiet=True)
+    seconds = 5 if reader == "videoframe" else 3
+    r = latency.measure(server.url, "sonomaly", viewer="chromium", viewers=1, seconds=seconds, warmup=1.5,
+                        browser=browser, quiet=True, reader=reader)
     _check_run(r)
+    assert r["reader"] == reader  # Debian's Chromium gives I420 VideoFrames: no fall-back to the canvas
+    if reader == "videoframe":  # every 30th frame is read both ways: the two readers agree on every id
+        assert r["reader_cross_check"]["frames"] >= 3 and r["reader_cross_check"]["disagreed"] == 0
+        assert r["per_viewer"][0]["receiver"]["reader_cross_check"] == r["reader_cross_check"]
+    else:
+        assert "reader_cross_check" not in r
+        return
     assert r["viewer"] == "chromium" and r["seconds"] == pytest.approx(5, abs=0.5)
     assert r["frames"] >= 0.5 * 30 * 5  # 30 fps source; slack for a loaded CI machine
     st = r["stages_ms"]
@@ -173,10 +182,11 @@ def test_merged_reports_compare_each_run_only_with_its_own_kind():
     """A sweep merged from several sessions (--from-json: Chromium with the naive baseline, a no-model control, an
     aiortc sweep, a 120-s run) holds five runs with server "sonomaly" and 1 viewer. Each ratio pairs runs of one
     command: before, the last such run won, and the naive Chromium run was divided by an aiortc run."""
-    def run(server, viewer, n, p99, seconds=30.0, label=None, model="lung"):
+    def run(server, viewer, n, p99, seconds=30.0, label=None, model="lung", reader=None):
         return {"server": server, "viewer": viewer, "viewers": n, "seconds": seconds, "label": label or server,
                 "health": {"model": None if server == "naive" else model},
-                "glass_to_glass_ms": {"n": 100, "p50": p99 / 2, "p99": p99}}
+                "glass_to_glass_ms": {"n": 100, "p50": p99 / 2, "p99": p99},
+                **({"reader": reader} if reader else {})}
 
     sweep = {"runs": [run("sonomaly", "chromium", 1, 50.0), run("naive", "chromium", 1, 150.0),
                       run("sonomaly", "chromium", 8, 100.0), run("naive", "chromium", 8, 1000.0)]}
@@ -186,7 +196,14 @@ def test_merged_reports_compare_each_run_only_with_its_own_kind():
                       run("sonomaly", "chromium", 1, 30.0, 120.0, "sonomaly (chromium, 120 s)"),
                       run("naive", "chromium", 1, 120.0, 120.0, "naive (chromium, 120 s)"),
                       run("sonomaly", "chromium", 1, 45.0, label="sonomaly --playout-delay=off")]}
-    c = latency.merge_reports([sweep, control, other])["comparisons"]
+    # the same sweep with the viewers reading the code from VideoFrames (cheaper viewers): a kind of its own; runs
+    # saved before the field existed read it from a canvas
+    frames = {"runs": [run("sonomaly", "chromium", 1, 48.0, reader="videoframe"),
+                       run("sonomaly", "chromium", 8, 60.0, reader="videoframe"),
+                       run("sonomaly", "chromium", 8, 75.0, reader="canvas")]}
+    c = latency.merge_reports([sweep, control, other, frames])["comparisons"]
+    assert c["chromium_30s_videoframe_sonomaly_8_over_1_viewer_p99"] == 1.25
+    assert not any("canvas" in k for k in c)  # the canvas 8-viewer run joins the first sweep's group, whose 8 won
     assert c["naive_over_sonomaly_1_viewers"]["p99"] == 3.0 and c["naive_over_sonomaly_8_viewers"]["p99"] == 10.0
     assert c["sonomaly_8_over_1_viewer_p99"] == 2.0 and c["naive_8_over_1_viewer_p99"] == pytest.approx(6.667)
     assert c["chromium_30s_nomodel_sonomaly_8_over_1_viewer_p99"] == 10.0

@@ -344,32 +344,63 @@ window.harness = (() => {
   const video = document.getElementById("v");
   const canvas = document.createElement("canvas");
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const h = { state: "new", samples: [], unreadable: [], damaged: [], callbacks: 0, error: null };
+  const h = { state: "new", samples: [], unreadable: [], damaged: [], callbacks: 0, error: null,
+              reader: null, cross: [0, 0] };
+  // How the code is read. "videoframe": copy only the code's box of the luma plane out of a WebCodecs VideoFrame of
+  // the shown frame (no colour conversion of the whole picture); "canvas": draw the box onto a 2D canvas and read
+  // its RGBA pixels (the frame is converted to RGB first: ~1.6 ms a frame on a 2-core VM, ~5 %% of a core a viewer).
+  // Every CROSS_EVERY-th frame read by "videoframe" is also read by "canvas"; h.cross = [both read, disagreed].
+  const YUV8 = new Set(["I420", "I420A", "I422", "I422A", "I444", "I444A", "NV12"]), CROSS_EVERY = 30;
+  let reader = "videoframe";
   let pc = null;
+  function record(id, reason, shown, md) {
+    if (id === null) (reason === "damaged" ? h.damaged : h.unreadable).push(shown);
+    else h.samples.push([id, shown, md.receiveTime === undefined ? -1 : md.receiveTime, md.presentationTime,
+                         md.presentedFrames]);
+  }
+  function readCanvas(lay) {
+    if (canvas.width !== lay.width || canvas.height !== lay.height) {
+      canvas.width = lay.width; canvas.height = lay.height;
+    }
+    ctx.drawImage(video, lay.x0, lay.y0, lay.width, lay.height, 0, 0, lay.width, lay.height);
+    const id = S.decode(ctx.getImageData(0, 0, lay.width, lay.height).data, lay.width, lay, lay.x0, lay.y0);
+    return [id, S.lastReason];
+  }
+  function readVideoFrame(lay, shown, md) {  // false: this frame cannot be read so (the caller falls back)
+    let vf;
+    try { vf = new VideoFrame(video); } catch (e) { return false; }
+    if (!YUV8.has(vf.format)) { vf.close(); return false; }
+    const rect = { x: lay.x0, y: lay.y0, width: lay.width, height: lay.height };
+    const buf = new Uint8Array(vf.allocationSize({ rect }));
+    const full = !!(vf.colorSpace && vf.colorSpace.fullRange);
+    const check = h.callbacks %% CROSS_EVERY === 0 ? readCanvas(lay) : null;
+    vf.copyTo(buf, { rect }).then(() => {  // the Y plane comes first, lay.width bytes a row
+      const id = S.decode(buf, lay.width, lay, lay.x0, lay.y0, { full });
+      if (check) { h.cross[0]++; if (check[0] !== id) h.cross[1]++; }
+      record(id, S.lastReason, shown, md);
+    }, e => { h.error = String(e); }).finally(() => vf.close());
+    return true;
+  }
   function onFrame(now, md) {
     h.callbacks++;
     try {
       const w = md.width || video.videoWidth, ht = md.height || video.videoHeight;
       const lay = S.layout(ht, w);
-      let id = null;
-      S.lastReason = "no_code";
-      if (lay) {
-        if (canvas.width !== lay.width || canvas.height !== lay.height) {
-          canvas.width = lay.width; canvas.height = lay.height;
-        }
-        ctx.drawImage(video, lay.x0, lay.y0, lay.width, lay.height, 0, 0, lay.width, lay.height);
-        id = S.decode(ctx.getImageData(0, 0, lay.width, lay.height).data, lay.width, lay, lay.x0, lay.y0);
-      }
       // headless Chromium can put expectedDisplayTime a fraction of a ms before presentationTime: take the later
       const shown = Math.max(md.expectedDisplayTime, md.presentationTime || 0);
-      if (id === null) (S.lastReason === "damaged" ? h.damaged : h.unreadable).push(shown);
-      else h.samples.push([id, shown, md.receiveTime === undefined ? -1 : md.receiveTime, md.presentationTime,
-                           md.presentedFrames]);
+      if (!lay) record(null, "no_code", shown, md);
+      else if (reader === "videoframe" && readVideoFrame(lay, shown, md)) h.reader = "videoframe";
+      else {
+        h.reader = "canvas";
+        const [id, reason] = readCanvas(lay);
+        record(id, reason, shown, md);
+      }
     } catch (e) { h.error = String(e); }
     video.requestVideoFrameCallback(onFrame);
   }
   video.requestVideoFrameCallback(onFrame);
-  h.start = async (codec) => {
+  h.start = async (codec, how) => {
+    if (how) reader = how;
     pc = new RTCPeerConnection({ iceServers: [] });
     const tr = pc.addTransceiver("video", { direction: "recvonly" });
     if (codec) {
@@ -396,8 +427,9 @@ window.harness = (() => {
     return true;
   };
   h.take = () => { const out = { samples: h.samples, unreadable: h.unreadable, damaged: h.damaged,
-                                 callbacks: h.callbacks, error: h.error, state: h.state };
-                   h.samples = []; h.unreadable = []; h.damaged = []; return out; };
+                                 callbacks: h.callbacks, error: h.error, state: h.state, reader: h.reader,
+                                 cross: h.cross };
+                   h.samples = []; h.unreadable = []; h.damaged = []; h.cross = [0, 0]; return out; };
   // Date.now() − (timeOrigin + performance.now()), read right at Date.now() millisecond edges (median of n).
   h.calibrate = (n) => {
     const d = [];
@@ -495,13 +527,14 @@ def _progress(msg: str, quiet: bool) -> None:
 
 
 def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
-                     quiet: bool = False, connect_timeout: float = 40.0, browser=None) -> list[ViewerData]:
+                     quiet: bool = False, connect_timeout: float = 40.0, browser=None,
+                     reader: str = "videoframe") -> list[ViewerData]:
     """Open ``n`` headless Chromium viewers on ``url``; collect ``seconds`` after ``warmup``.
 
     ``browser``: a Playwright ``Browser`` to use (its own contexts are opened and closed here); default: launch
     Debian's Chromium with :data:`CHROMIUM_ARGS`."""
     if browser is not None:
-        return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout)
+        return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader)
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -509,12 +542,13 @@ def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Wi
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout)
+            return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader)
         finally:
             browser.close()
 
 
-def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout) -> list[ViewerData]:
+def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout,
+                      reader) -> list[ViewerData]:
     url = url.rstrip("/")
     viewers = [ViewerData("chromium", i) for i in range(n)]
     contexts = []
@@ -527,7 +561,7 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
             page.route(url + HARNESS_PATH, lambda route: route.fulfill(status=200, content_type="text/html",
                                                                       body=HARNESS_PAGE))
             page.goto(url + HARNESS_PATH)
-            page.evaluate("codec => window.harness.start(codec)", codec)
+            page.evaluate("([codec, reader]) => window.harness.start(codec, reader)", [codec, reader])
             pages.append(page)
         deadline = time.monotonic() + connect_timeout
         while any(page.evaluate("window.harness.samples.length") == 0 for page in pages):
@@ -573,7 +607,11 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
             def unix_ns(t_ms: float) -> int:
                 return int(round((origin + t_ms + off_ms) * 1e6))
 
+            cross = [0, 0]
             for chunk in raw[i]:
+                if chunk.get("reader"):
+                    v.stats["reader"] = chunk["reader"]
+                cross = [cross[0] + chunk["cross"][0], cross[1] + chunk["cross"][1]]
                 for code, shown, received, presented, count in chunk["samples"]:
                     v.samples.append((int(code), unix_ns(shown), unix_ns(received) if received >= 0 else -1,
                                       unix_ns(presented) if presented and presented > 0 else -1, int(count)))
@@ -581,6 +619,8 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
                 v.damaged.extend(unix_ns(t) for t in chunk["damaged"])
                 if chunk.get("error"):
                     v.error = chunk["error"]
+            if v.stats.get("reader") == "videoframe":  # frames also read through a canvas, and how many disagreed
+                v.stats["reader_cross_check"] = {"frames": cross[0], "disagreed": cross[1]}
             v.bracket = _bracket(page, origin + off_ms)
     finally:
         for ctx in contexts:
@@ -970,19 +1010,23 @@ def drift_summary(windows: list[dict[str, Any]], ws: float) -> dict[str, Any] | 
 # ---------------------------------------------------------------------------------------------------------------------
 def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1, seconds: float = 10.0,
             warmup: float = 3.0, codec: str | None = None, budget_ms: float = 200.0, window_s: float | None = None,
-            quiet: bool = False, browser=None, server_pid: int | None = None) -> dict[str, Any]:
+            quiet: bool = False, browser=None, server_pid: int | None = None,
+            reader: str = "videoframe") -> dict[str, Any]:
     """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run.
 
     ``server`` names the kind of server ("sonomaly" or "naive": which stages are on the frame's path); ``browser``
     an already launched Playwright browser for the Chromium viewers (default: launch one); ``server_pid`` the
-    server's process, to split the CPU use into server, viewers and harness."""
+    server's process, to split the CPU use into server, viewers and harness; ``reader`` how Chromium viewers read
+    the frame-id code ("videoframe": the luma of the code's box from a WebCodecs VideoFrame, falling back to
+    "canvas" where a frame cannot be read so; "canvas": RGBA pixels of a 2D canvas, the earlier way)."""
     url = url.rstrip("/")
     health0 = get_json(url + "/health")
     poller = RecordPoller(url).start()
     window = Window(server_pid)
     try:
         if viewer == "chromium":
-            data = collect_chromium(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet, browser=browser)
+            data = collect_chromium(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet, browser=browser,
+                                    reader=reader)
         elif viewer == "aiortc":
             data = collect_aiortc(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet)
         else:
@@ -1003,6 +1047,12 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
                     cross_check=round((direct + offset) / 1e6, 3), cross_check_bound=round(rt / 2e6, 3))
     result = analyse(server, data, poller.records, window, budget_ms=budget_ms, window_s=window_s)
     result["url"] = url
+    if viewer == "chromium":  # how the viewers read the code (their own CPU use depends on it)
+        readers = sorted({v.stats["reader"] for v in data if v.stats.get("reader")})
+        result["reader"] = "+".join(readers) or None
+        checks = [v.stats["reader_cross_check"] for v in data if "reader_cross_check" in v.stats]
+        if checks:
+            result["reader_cross_check"] = {k: sum(c[k] for c in checks) for k in ("frames", "disagreed")}
     result["cpu"] = window.cpu
     result["codec"] = codec or "default (offer order)"
     result["health"] = {k: health1.get(k) for k in ("model", "backend", "frames_in", "frames_out", "frames_dropped",
@@ -1038,32 +1088,35 @@ def table(runs: list[dict]) -> str:
 
 
 def _comparison_group(r: dict) -> tuple:
-    """Which runs may be compared with each other: the same receiver, run length (to 10 s), serve arguments and
-    with or without a model. A report merged from several sessions (``--from-json``) holds runs of every kind; a naive
-    run is paired with the Sonomaly run of its own command, never with an aiortc, no-model or 120-s run."""
+    """Which runs may be compared with each other: the same receiver, run length (to 10 s), serve arguments, with or
+    without a model, and how Chromium read the code (``reader``: it sets the viewers' share of the CPU). A report
+    merged from several sessions (``--from-json``) holds runs of every kind; a naive run is paired with the Sonomaly
+    run of its own command, never with an aiortc, no-model or 120-s run."""
     label = str(r.get("label") or r["server"])
     label = re.sub(r"\s*\((chromium|aiortc), [\d.]+ s\)$", "", label)
     if label.split(" ", 1)[0] == r["server"]:
         label = label[len(r["server"]):].strip()
     health = r.get("health")
     has_model = r["server"] == "naive" or not isinstance(health, dict) or health.get("model") is not None
-    return r["viewer"], round(float(r.get("seconds") or 0) / 10), label, has_model
+    reader = r.get("reader") or ("canvas" if r["viewer"] == "chromium" else None)  # runs before `reader`: canvas
+    return r["viewer"], round(float(r.get("seconds") or 0) / 10), label, has_model, reader
 
 
 def comparisons(runs: list[dict]) -> dict[str, Any]:
     """Ratios within each group of comparable runs (:func:`_comparison_group`): naive / Sonomaly per viewer count,
     and N-viewer / 1-viewer for each server. The first run's group has the plain names
     (``naive_over_sonomaly_1_viewers``); every other group's names start with what sets it apart
-    (e.g. ``aiortc_20s_``, ``chromium_30s_nomodel_``)."""
+    (e.g. ``aiortc_20s_``, ``chromium_30s_nomodel_``, ``chromium_30s_videoframe_``)."""
     out: dict[str, Any] = {}
     groups: dict[tuple, dict[tuple, dict]] = {}
     for r in runs:
         if r["glass_to_glass_ms"].get("n"):
             groups.setdefault(_comparison_group(r), {}).setdefault((r["server"], r["viewers"]), r)
     for i, (group, by) in enumerate(groups.items()):
-        viewer, tens, label, has_model = group
+        viewer, tens, label, has_model, reader = group
         prefix = "" if i == 0 else "_".join(
             [viewer, f"{tens * 10}s", *([] if has_model else ["nomodel"]),
+             *([reader] if reader not in (None, "canvas") else []),
              *([re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")] if label else [])]) + "_"
         for (server, n), r in sorted(by.items()):
             if server == "naive" and ("sonomaly", n) in by:
@@ -1143,8 +1196,9 @@ def markdown(report: dict) -> str:
             out.append(f"| {_name(r)} | {r['viewers']} | " + " | ".join(f"{ps[k]['p50']:.1f} ({ps[k]['p95']:.1f})" if k in ps
                                                           else "–" for k in keys) + " |")
     out += ["", "Receivers (Chromium `getStats()` over the window, mean over viewers):", "",
-            "| server | viewers | codec | size | kbit/s | jitter buffer ms | decode ms | freezes | per-viewer p99 |",
-            "|---|---:|---|---|---:|---:|---:|---:|---|"]
+            "| server | viewers | codec | size | kbit/s | jitter buffer ms | decode ms | freezes | code read by "
+            "(cross-checked: disagreed) | per-viewer p99 |",
+            "|---|---:|---|---|---:|---:|---:|---:|---|---|"]
     for r in report["runs"]:
         rx = [v.get("receiver", {}) for v in r["per_viewer"]]
         if not any(rx):
@@ -1152,9 +1206,11 @@ def markdown(report: dict) -> str:
         mean = lambda k: _fmt(float(np.mean([x[k] for x in rx if x.get(k) is not None]))  # noqa: E731
                              if any(x.get(k) is not None for x in rx) else None)
         p99s = ", ".join(_fmt(v["glass_to_glass_ms"].get("p99"), 0) for v in r["per_viewer"])
+        cc = r.get("reader_cross_check")
+        read = (r.get("reader") or "canvas") + (f" ({cc['frames']}: {cc['disagreed']})" if cc else "")
         out.append(f"| {_name(r)} | {r['viewers']} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
                    f"{rx[0].get('frameHeight')} | {mean('kbit_per_s')} | {mean('jitter_buffer_ms_avg')} | "
-                   f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {p99s} |")
+                   f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {read} | {p99s} |")
     if report.get("comparisons") and not report.get("sets"):
         out += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in report["comparisons"].items())]
     if report.get("sets"):
@@ -1282,6 +1338,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds discarded after the viewers connect")
     p.add_argument("--codec", choices=["vp8", "h264"], default=None,
                    help="codec the viewers ask for (with --serve also the server's --codec)")
+    p.add_argument("--reader", choices=["videoframe", "canvas"], default="videoframe",
+                   help="how Chromium viewers read the frame-id code: the luma of its box from a WebCodecs "
+                        "VideoFrame (default; ~5 %% of a core less a viewer), or a 2D canvas's RGBA pixels")
     p.add_argument("--budget-ms", type=float, default=200.0, help="p99 budget; exit status 1 when exceeded")
     p.add_argument("--baseline", choices=["naive"], default=None,
                    help="also measure the naive aiortc integration (tools/naive.py) on the same source and model "
@@ -1357,7 +1416,7 @@ def run(args) -> int:
                               "config": {k: getattr(args, k) for k in ("url", "serve", "model", "fps", "viewer",
                                                                        "viewers", "seconds", "warmup", "codec",
                                                                        "budget_ms", "baseline", "serve_arg",
-                                                                       "window_s")},
+                                                                       "window_s", "reader")},
                               "runs": []}
     servers = ["sonomaly"] + ([args.baseline] if args.baseline else [])
     source = stamped(args.serve, args.fps) if args.serve else None
@@ -1371,7 +1430,7 @@ def run(args) -> int:
                 if args.url:
                     run_ = measure(args.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                    warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
-                                   window_s=args.window_s, quiet=args.quiet)
+                                   window_s=args.window_s, quiet=args.quiet, reader=args.reader)
                 else:
                     extra = list(args.serve_arg) if server == "sonomaly" else []
                     if server == "sonomaly" and args.codec and "--codec" not in " ".join(extra):
@@ -1379,7 +1438,8 @@ def run(args) -> int:
                     with ServerProcess(server, source, args.model, extra=extra) as srv:
                         run_ = measure(srv.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                        warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
-                                       window_s=args.window_s, quiet=args.quiet, server_pid=srv.proc.pid)
+                                       window_s=args.window_s, quiet=args.quiet, server_pid=srv.proc.pid,
+                                       reader=args.reader)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
                 print(f"sonomaly latency: {server} with {n} viewer(s) failed: {exc}", file=sys.stderr)
                 failed = True
