@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -176,6 +177,43 @@ def test_cli_serves_sonomaly_and_the_naive_baseline(tmp_path, demo_clip, lung_mo
     assert "infer" in runs["naive"]["serial_stages"] and "infer" not in runs["sonomaly"]["serial_stages"]
     assert "naive_over_sonomaly_1_viewers" in report["comparisons"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_sessions_receive_the_stream_beside_the_measured_viewer(serve, demo_clip, lung_model):
+    """--load-viewers: real aiortc sessions that receive (no decoding) while one viewer is measured; the server
+    counts them as viewers, each receives the stream at its rate, and the run says so."""
+    server = serve("--source", f"stamp:{demo_clip}?fps=30", "--model", str(lung_model), "--loop")
+    seen = []
+    with latency.LoadViewers(server.url, 2):
+        seen.append(latency.get_json(server.url + "/health")["viewers"])
+    assert seen == [2]
+    r = latency.measure(server.url, "sonomaly", viewer="aiortc", viewers=1, seconds=3, warmup=1, quiet=True,
+                        load_viewers=2)
+    _check_run(r)
+    lv = r["load_viewers"]
+    assert lv["n"] == 2 and lv["received"] == 2
+    assert lv["fps_min"] >= 0.5 * 30 and lv["fps_mean"] <= 30 * 1.2  # a 30 fps source, every session fed
+    assert "1+2 load" in latency.table([r]) and "2 load sessions" in latency.markdown({"runs": [r]})
+    assert latency.comparisons([r]) == {}  # nothing to divide by without a plain 1-viewer run
+    deadline = time.monotonic() + 10
+    while latency.get_json(server.url + "/health")["viewers"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert latency.get_json(server.url + "/health")["viewers"] == 0  # the sessions closed with the run
+
+
+def test_load_runs_are_compared_with_the_plain_one_viewer_run():
+    def run(server, n, p99, load=0):
+        return {"server": server, "viewer": "chromium", "viewers": n, "seconds": 30.0, "label": server,
+                "health": {"model": None if server == "naive" else "lung"}, "reader": "videoframe",
+                "glass_to_glass_ms": {"n": 100, "p50": p99 / 2, "p99": p99},
+                **({"load_viewers": {"n": load, "received": load}} if load else {})}
+
+    c = latency.comparisons([run("sonomaly", 1, 50.0), run("naive", 1, 100.0), run("sonomaly", 1, 55.0, load=7),
+                             run("naive", 1, 2000.0, load=7), run("sonomaly", 8, 150.0)])
+    assert c["sonomaly_1+7load_over_1_viewer_p99"] == 1.1 and c["sonomaly_8_over_1_viewer_p99"] == 3.0
+    assert c["naive_over_sonomaly_1+7load_viewers"]["p99"] == pytest.approx(36.364, abs=1e-3)
+    assert c["naive_over_sonomaly_1_viewers"]["p99"] == 2.0  # the load run did not replace the plain one
+    assert c["naive_1+7load_over_1_viewer_p99"] == 20.0
 
 
 def test_merged_reports_compare_each_run_only_with_its_own_kind():

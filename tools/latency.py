@@ -739,6 +739,93 @@ def _aiortc_process(url: str, codec: str | None, conn, connect_timeout: float) -
         conn.send(("data", v.samples, v.unreadable, v.damaged))
 
 
+def _load_process(url: str, n: int, conn, connect_timeout: float) -> None:
+    """``n`` load sessions in one process: real aiortc peer connections that receive the stream (ICE, DTLS, SRTP,
+    RTCP, the jitter buffer) but do not decode it (``bench_viewers``'s stub decoder notes when each complete frame
+    leaves the jitter buffer). Says "ready" once every session has a frame; on "stop" sends each one's arrival
+    times (host monotonic ns)."""
+    import logging
+
+    from sonomaly.tools import bench_viewers as bv
+
+    for name in ("aioice", "aiortc"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    bv._install_stub_decoder()
+
+    async def main() -> None:
+        pcs = [await bv._viewer(url, None) for _ in range(n)]
+        try:
+            deadline = time.monotonic() + connect_timeout
+            while len(bv._Arrivals.registry) < n or not all(a.items for a in bv._Arrivals.registry):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{n} load sessions: not all receive frames after {connect_timeout:.0f} s")
+                await asyncio.sleep(0.1)
+            conn.send("ready")
+            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+            conn.send(("data", [[t for t, _ in a.items] for a in bv._Arrivals.registry]))
+        finally:
+            await asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True)
+
+    run_child(main, conn)
+
+
+class LoadViewers:
+    """``n`` extra sessions on the server under test while the measured viewers run (``--load-viewers``), in one
+    process of the harness's: they make the server serve ``n`` more viewers (packetising, SRTP, sending, RTCP) at a
+    small fraction of the CPU that decoding and painting viewers take on the same machine. What they receive is
+    counted (``summary``), so a session that got nothing cannot pass for load."""
+
+    def __init__(self, url: str, n: int, connect_timeout: float = 40.0) -> None:
+        self.url, self.n, self.connect_timeout = url.rstrip("/"), n, connect_timeout
+        self._proc = self._conn = None
+        self.arrivals: list[list[int]] = []
+
+    def __enter__(self) -> "LoadViewers":
+        if self.n <= 0:
+            return self
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_load_process, args=(self.url, self.n, child, self.connect_timeout),
+                                 daemon=True)
+        self._proc.start()
+        if not self._conn.poll(self.connect_timeout + 30):
+            self.__exit__()
+            raise RuntimeError(f"{self.n} load sessions did not start in {self.connect_timeout + 30:.0f} s")
+        msg = self._conn.recv()
+        if msg != "ready":
+            self.__exit__()
+            raise RuntimeError(f"load sessions failed: {msg[1] if isinstance(msg, tuple) else msg}")
+        return self
+
+    def stop(self) -> None:
+        """Collect what the sessions received (call after the measurement window)."""
+        if self._proc is None or not self._proc.is_alive():
+            return
+        try:
+            self._conn.send("stop")
+            if self._conn.poll(30):
+                msg = self._conn.recv()
+                if isinstance(msg, tuple) and msg[0] == "data":
+                    self.arrivals = msg[1]
+        except (OSError, EOFError):
+            pass
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self.stop()
+            reap([self._proc])
+            self._proc = None
+
+    def summary(self, window: "Window") -> dict[str, Any]:
+        """Frames each load session received inside the measurement window, as a rate."""
+        secs = window.seconds
+        fps = [sum(1 for t in a if window.t0_ns <= t <= window.t1_ns) / secs for a in self.arrivals] if secs else []
+        return {"n": self.n, "received": len(self.arrivals),
+                "fps_min": round(min(fps), 2) if fps else None, "fps_mean": round(float(np.mean(fps)), 2) if fps else None}
+
+
 def collect_aiortc(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
                    quiet: bool = False, connect_timeout: float = 40.0) -> list[ViewerData]:
     """``n`` aiortc receivers, each in a process of its own (as N viewers on N machines would be: no viewer waits for
@@ -1011,19 +1098,25 @@ def drift_summary(windows: list[dict[str, Any]], ws: float) -> dict[str, Any] | 
 def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1, seconds: float = 10.0,
             warmup: float = 3.0, codec: str | None = None, budget_ms: float = 200.0, window_s: float | None = None,
             quiet: bool = False, browser=None, server_pid: int | None = None,
-            reader: str = "videoframe") -> dict[str, Any]:
+            reader: str = "videoframe", load_viewers: int = 0) -> dict[str, Any]:
     """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run.
 
     ``server`` names the kind of server ("sonomaly" or "naive": which stages are on the frame's path); ``browser``
     an already launched Playwright browser for the Chromium viewers (default: launch one); ``server_pid`` the
     server's process, to split the CPU use into server, viewers and harness; ``reader`` how Chromium viewers read
     the frame-id code ("videoframe": the luma of the code's box from a WebCodecs VideoFrame, falling back to
-    "canvas" where a frame cannot be read so; "canvas": RGBA pixels of a 2D canvas, the earlier way)."""
+    "canvas" where a frame cannot be read so; "canvas": RGBA pixels of a 2D canvas, the earlier way);
+    ``load_viewers`` extra sessions that receive the stream without decoding it (:class:`LoadViewers`), connected
+    before the measured viewers and held until their window ends."""
     url = url.rstrip("/")
     health0 = get_json(url + "/health")
     poller = RecordPoller(url).start()
     window = Window(server_pid)
+    load = LoadViewers(url, load_viewers)
     try:
+        if load_viewers:
+            _progress(f"  {load_viewers} load session(s) connecting", quiet)
+        load.__enter__()
         if viewer == "chromium":
             data = collect_chromium(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet, browser=browser,
                                     reader=reader)
@@ -1032,6 +1125,7 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
         else:
             raise ValueError(f"unknown viewer {viewer!r} (chromium or aiortc)")
     finally:
+        load.__exit__()
         poller.stop()
     health1 = get_json(url + "/health")
     offset = poller.offset_ns
@@ -1047,6 +1141,8 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
                     cross_check=round((direct + offset) / 1e6, 3), cross_check_bound=round(rt / 2e6, 3))
     result = analyse(server, data, poller.records, window, budget_ms=budget_ms, window_s=window_s)
     result["url"] = url
+    if load_viewers:
+        result["load_viewers"] = load.summary(window)
     if viewer == "chromium":  # how the viewers read the code (their own CPU use depends on it)
         readers = sorted({v.stats["reader"] for v in data if v.stats.get("reader")})
         result["reader"] = "+".join(readers) or None
@@ -1078,7 +1174,7 @@ def table(runs: list[dict]) -> str:
         g = r["glass_to_glass_ms"]
         st = r.get("stages_ms", {})
         lines.append(
-            f"{r.get('label') or r['server']:9} {r['viewer']:8} {r['viewers']:>2} {_fmt(g.get('p50')):>7} "
+            f"{r.get('label') or r['server']:9} {r['viewer']:8} {_viewers_cell(r):>2} {_fmt(g.get('p50')):>7} "
             f"{_fmt(g.get('p95')):>7} "
             f"{_fmt(g.get('p99')):>7} {_fmt(g.get('max')):>7} {_fmt(g.get('tail')):>6} {_fmt(g.get('flatness')):>6} "
             f"{_fmt(r.get('received_fps')):>5} {r.get('frames_lost', 0):>5} "
@@ -1102,31 +1198,43 @@ def _comparison_group(r: dict) -> tuple:
     return r["viewer"], round(float(r.get("seconds") or 0) / 10), label, has_model, reader
 
 
+def _load(r: dict) -> int:
+    """Load sessions beside the measured viewers in a run (``--load-viewers``), 0 for runs without (or before)."""
+    return int((r.get("load_viewers") or {}).get("n", 0))
+
+
+def _viewers_cell(r: dict) -> str:
+    return f"{r['viewers']}+{_load(r)} load" if _load(r) else str(r["viewers"])
+
+
 def comparisons(runs: list[dict]) -> dict[str, Any]:
     """Ratios within each group of comparable runs (:func:`_comparison_group`): naive / Sonomaly per viewer count,
-    and N-viewer / 1-viewer for each server. The first run's group has the plain names
+    and N-viewer / 1-viewer for each server (a run with M load sessions beside its N measured viewers is named
+    ``N+Mload``, e.g. ``sonomaly_1+7load_over_1_viewer_p99``, and divided by the run with 1 viewer and no load).
+    The first run's group has the plain names
     (``naive_over_sonomaly_1_viewers``); every other group's names start with what sets it apart
     (e.g. ``aiortc_20s_``, ``chromium_30s_nomodel_``, ``chromium_30s_videoframe_``)."""
     out: dict[str, Any] = {}
     groups: dict[tuple, dict[tuple, dict]] = {}
     for r in runs:
         if r["glass_to_glass_ms"].get("n"):
-            groups.setdefault(_comparison_group(r), {}).setdefault((r["server"], r["viewers"]), r)
+            groups.setdefault(_comparison_group(r), {}).setdefault((r["server"], r["viewers"], _load(r)), r)
     for i, (group, by) in enumerate(groups.items()):
         viewer, tens, label, has_model, reader = group
         prefix = "" if i == 0 else "_".join(
             [viewer, f"{tens * 10}s", *([] if has_model else ["nomodel"]),
              *([reader] if reader not in (None, "canvas") else []),
              *([re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")] if label else [])]) + "_"
-        for (server, n), r in sorted(by.items()):
-            if server == "naive" and ("sonomaly", n) in by:
-                s = by[("sonomaly", n)]["glass_to_glass_ms"]
+        for (server, n, m), r in sorted(by.items()):
+            nm = f"{n}+{m}load" if m else f"{n}"  # measured viewers + load sessions
+            if server == "naive" and ("sonomaly", n, m) in by:
+                s = by[("sonomaly", n, m)]["glass_to_glass_ms"]
                 g = r["glass_to_glass_ms"]
-                out[f"{prefix}naive_over_sonomaly_{n}_viewers"] = {"p50": round(g["p50"] / s["p50"], 3),
-                                                                   "p99": round(g["p99"] / s["p99"], 3)}
-            if n > 1 and (server, 1) in by:
-                one = by[(server, 1)]["glass_to_glass_ms"]
-                out[f"{prefix}{server}_{n}_over_1_viewer_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["p99"], 3)
+                out[f"{prefix}naive_over_sonomaly_{nm}_viewers"] = {"p50": round(g["p50"] / s["p50"], 3),
+                                                                    "p99": round(g["p99"] / s["p99"], 3)}
+            if (n > 1 or m) and (server, 1, 0) in by:
+                one = by[(server, 1, 0)]["glass_to_glass_ms"]
+                out[f"{prefix}{server}_{nm}_over_1_viewer_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["p99"], 3)
     return out
 
 
@@ -1168,12 +1276,18 @@ def markdown(report: dict) -> str:
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in report["runs"]:
         g = r["glass_to_glass_ms"]
-        out.append(f"| {_name(r)} | {r['viewers']} | {_fmt(g.get('p50'))} | {_fmt(g.get('p95'))} | "
+        out.append(f"| {_name(r)} | {_viewers_cell(r)} | {_fmt(g.get('p50'))} | {_fmt(g.get('p95'))} | "
                    f"{_fmt(g.get('p99'))} | {_fmt(g.get('max'))} | {_fmt(g.get('tail'))} | "
                    f"{_fmt(g.get('flatness'))} | {_fmt(r.get('received_fps'))} ({_fmt(r.get('received_fps_min'))}) | "
                    f"{r.get('frames_lost')} ({r.get('lost_pct')} %) | {r.get('frames')} | "
                    f"{'yes' if r['pass'] else 'no'} ({r['budget_ms']:g} ms) | "
                    f"{_cpu_cell(r.get('cpu', {}))} |")
+    for r in report["runs"]:
+        if r.get("load_viewers"):
+            lv = r["load_viewers"]
+            out.append(f"\n{_name(r)}, {_viewers_cell(r)}: {lv['n']} load sessions (aiortc, receive without decoding, "
+                       f"one process; their CPU is in the viewers' share) received {lv['fps_min']} fps at the least, "
+                       f"{lv['fps_mean']} on average.")
     out += ["", "Median (p95) per stage, ms, along the frame's path:", ""]
     order = ["grab", "queue", "roi", "preprocess", "infer", "postprocess", "ai_wait", "overlay", "server_other",
              "server_total", "encode", "send_network", "jitter_decode", "paint", "jitter_decode_paint",
@@ -1184,7 +1298,7 @@ def markdown(report: dict) -> str:
     for r in report["runs"]:
         st = r["stages_ms"]
         cells = [f"{st[k]['p50']:.1f} ({st[k]['p95']:.1f})" if k in st else "–" for k in names]
-        out.append(f"| {_name(r)} | {r['viewers']} | " + " | ".join(cells) + " |")
+        out.append(f"| {_name(r)} | {_viewers_cell(r)} | " + " | ".join(cells) + " |")
     par = [r for r in report["runs"] if r.get("parallel_stages_ms")]
     if par:
         out += ["", "Sonomaly's AI worker, beside the path (median (p95), ms):", ""]
@@ -1193,7 +1307,7 @@ def markdown(report: dict) -> str:
         out.append("|---|---:|" + "---:|" * len(keys))
         for r in par:
             ps = r["parallel_stages_ms"]
-            out.append(f"| {_name(r)} | {r['viewers']} | " + " | ".join(f"{ps[k]['p50']:.1f} ({ps[k]['p95']:.1f})" if k in ps
+            out.append(f"| {_name(r)} | {_viewers_cell(r)} | " + " | ".join(f"{ps[k]['p50']:.1f} ({ps[k]['p95']:.1f})" if k in ps
                                                           else "–" for k in keys) + " |")
     out += ["", "Receivers (Chromium `getStats()` over the window, mean over viewers):", "",
             "| server | viewers | codec | size | kbit/s | jitter buffer ms | decode ms | freezes | code read by "
@@ -1208,7 +1322,7 @@ def markdown(report: dict) -> str:
         p99s = ", ".join(_fmt(v["glass_to_glass_ms"].get("p99"), 0) for v in r["per_viewer"])
         cc = r.get("reader_cross_check")
         read = (r.get("reader") or "canvas") + (f" ({cc['frames']}: {cc['disagreed']})" if cc else "")
-        out.append(f"| {_name(r)} | {r['viewers']} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
+        out.append(f"| {_name(r)} | {_viewers_cell(r)} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
                    f"{rx[0].get('frameHeight')} | {mean('kbit_per_s')} | {mean('jitter_buffer_ms_avg')} | "
                    f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {read} | {p99s} |")
     if report.get("comparisons") and not report.get("sets"):
@@ -1256,7 +1370,7 @@ def plot(report: dict, path: str | Path) -> None:
         g = r["glass_to_glass_ms"]
         ax.hist(v, bins=bins, histtype="step", lw=1.6, color=colors[i % len(colors)],
                 weights=np.full(v.size, 1.0 / v.size),
-                label=f"{_name(r)} · {r['viewers']} viewer(s): p50 {g['p50']:.0f} / p99 {g['p99']:.0f} ms")
+                label=f"{_name(r)} · {_viewers_cell(r)} viewer(s): p50 {g['p50']:.0f} / p99 {g['p99']:.0f} ms")
     if logx:
         ax.set_xscale("log")
     budget = runs[0]["budget_ms"]
@@ -1269,7 +1383,7 @@ def plot(report: dict, path: str | Path) -> None:
     for i, r in enumerate(runs):
         a = np.array(r["_timeline"])
         ax.plot(a[:, 0], a[:, 1], ".", ms=2, color=colors[i % len(colors)], alpha=0.6,
-                label=f"{_name(r)} · {r['viewers']}")
+                label=f"{_name(r)} · {_viewers_cell(r)}")
         if r.get("windows") and len(r["windows"]) > 2:
             w = r["windows"]
             ax.plot([x["t_s"] + x["length_s"] / 2 for x in w], [x["p99"] for x in w], "-",
@@ -1303,7 +1417,7 @@ def plot(report: dict, path: str | Path) -> None:
             ax.barh(i, val, left=left, color=STAGE_COLORS.get(name, "#999999"), edgecolor="white",
                     label=name if name not in ax.get_legend_handles_labels()[1] else None)
             left += val
-        labels.append(f"{_name(r)} · {r['viewers']}")
+        labels.append(f"{_name(r)} · {_viewers_cell(r)}")
     ax.set_yticks(range(len(runs)), labels)
     if logx:
         ax.set_xscale("symlog", linthresh=10)
@@ -1341,6 +1455,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reader", choices=["videoframe", "canvas"], default="videoframe",
                    help="how Chromium viewers read the frame-id code: the luma of its box from a WebCodecs "
                         "VideoFrame (default; ~5 %% of a core less a viewer), or a 2D canvas's RGBA pixels")
+    p.add_argument("--load-viewers", type=int, default=0, metavar="M",
+                   help="M more sessions during each run that receive the stream but do not decode it (aiortc, one "
+                        "process): the server serves viewers + M while only the measured viewers decode and paint")
     p.add_argument("--budget-ms", type=float, default=200.0, help="p99 budget; exit status 1 when exceeded")
     p.add_argument("--baseline", choices=["naive"], default=None,
                    help="also measure the naive aiortc integration (tools/naive.py) on the same source and model "
@@ -1407,6 +1524,9 @@ def run(args) -> int:
         _write(report, args)
         return 0
     counts = _counts(args.viewers)
+    if args.load_viewers < 0:
+        print("sonomaly latency: --load-viewers must be 0 or more", file=sys.stderr)
+        return 2
     if args.baseline and not args.serve:
         print("sonomaly latency: --baseline needs --serve (the baseline runs on the same source and model)",
               file=sys.stderr)
@@ -1416,7 +1536,7 @@ def run(args) -> int:
                               "config": {k: getattr(args, k) for k in ("url", "serve", "model", "fps", "viewer",
                                                                        "viewers", "seconds", "warmup", "codec",
                                                                        "budget_ms", "baseline", "serve_arg",
-                                                                       "window_s", "reader")},
+                                                                       "window_s", "reader", "load_viewers")},
                               "runs": []}
     servers = ["sonomaly"] + ([args.baseline] if args.baseline else [])
     source = stamped(args.serve, args.fps) if args.serve else None
@@ -1425,12 +1545,14 @@ def run(args) -> int:
     failed = False
     for n in counts:
         for server in servers:
-            _progress(f"{server}: {n} {args.viewer} viewer(s), {args.seconds:g} s", args.quiet)
+            load = f" + {args.load_viewers} load session(s)" if args.load_viewers else ""
+            _progress(f"{server}: {n} {args.viewer} viewer(s){load}, {args.seconds:g} s", args.quiet)
             try:
                 if args.url:
                     run_ = measure(args.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                    warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
-                                   window_s=args.window_s, quiet=args.quiet, reader=args.reader)
+                                   window_s=args.window_s, quiet=args.quiet, reader=args.reader,
+                                   load_viewers=args.load_viewers)
                 else:
                     extra = list(args.serve_arg) if server == "sonomaly" else []
                     if server == "sonomaly" and args.codec and "--codec" not in " ".join(extra):
@@ -1439,7 +1561,7 @@ def run(args) -> int:
                         run_ = measure(srv.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                        warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
                                        window_s=args.window_s, quiet=args.quiet, server_pid=srv.proc.pid,
-                                       reader=args.reader)
+                                       reader=args.reader, load_viewers=args.load_viewers)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
                 print(f"sonomaly latency: {server} with {n} viewer(s) failed: {exc}", file=sys.stderr)
                 failed = True
