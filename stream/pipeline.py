@@ -88,6 +88,34 @@ class PipelineConfig:
     goes to the encoder, the sender and the viewers. Every frame still goes out; each shows the newest heatmap while
     that is younger than ``max_ai_lag_ms`` (keep ``1000 / ai_max_fps`` well under it)."""
 
+    def __post_init__(self) -> None:
+        """Reject values that would stall or spin the loops (NaN compares false with everything, so it would
+        silently disable every check it reaches): a clear error at construction, not a frozen display later."""
+
+        def number(name: str, lo: float, *, lo_open: bool = False, hi: float = math.inf, optional: bool = False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok:
+                rng = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if math.isfinite(hi) else "")
+                raise ValueError(f"PipelineConfig.{name} must be a finite number {rng}"
+                                 f"{' or None' if optional else ''}, not {v!r}")
+
+        number("max_ai_lag_ms", 0, lo_open=True)
+        number("ai_wait_ms", 0)
+        number("no_signal_after_ms", 0, lo_open=True)
+        number("fallback_fps", 0, lo_open=True, hi=1000)
+        number("engine_retry_s", 0)
+        number("temporal_alpha", 0, lo_open=True, hi=1, optional=True)
+        number("ai_max_fps", 0, optional=True)
+        number("records", 1)
+        number("ai_nice", 0, hi=19)
+        if self.map_side is not None:
+            number("map_side", 8)
+            self.map_side = int(self.map_side)
+
 
 @dataclass
 class AIResult:

@@ -33,6 +33,13 @@ def test_serve_rejects_a_bad_playout_delay(demo_clip, capsys):
     assert "--playout-delay" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("opt", ["--max-ai-lag-ms", "--ai-wait-ms"])
+def test_serve_rejects_a_nan_time(demo_clip, capsys, opt):
+    rc = main(["serve", "--source", str(demo_clip), opt, "nan"])
+    assert rc == 2
+    assert opt in capsys.readouterr().err
+
+
 def test_real_lesions_is_for_draem_only(tmp_path, capsys):
     rc = main(["train", "--family", "conv_ae", "--data", str(tmp_path), "--out", str(tmp_path / "m"),
                "--real-lesions", "0.5"])

@@ -274,6 +274,40 @@ def test_drift_compares_the_first_and_last_full_windows():
     assert 100 < d["p99_slope_ms_per_min"] < 140  # ~2 ms/s between the two full windows' p99
 
 
+def test_drift_is_also_given_without_the_display_refresh_wait():
+    """A browser's viewer waits for the compositor's next refresh after each frame is handed over; the phase of the
+    30 fps source against the 60 Hz refresh wanders, so the glass-to-glass p99 can differ by most of a refresh
+    between two minutes while the system adds nothing. The drift also says the p99 up to the hand-over."""
+    recs = _records(750)
+
+    def run(paint_of_t, hand_over_of_t):
+        v = ViewerData("chromium", 0)
+        for i, r in recs.items():
+            t = (r["t_capture_ns"] - T0) / 1e9
+            t_pres = r["t_capture_ns"] + int(hand_over_of_t(t) * 1e6)
+            t_show = t_pres + int(paint_of_t(t) * 1e6)
+            v.samples.append((i, t_show, t_pres - 5_000_000, t_pres, i))
+        w = Window()
+        w.t0_ns, w.t1_ns = T0, T0 + 25 * 10**9
+        return analyse("sonomaly", [v], recs, w, budget_ms=200, window_s=10.0)
+
+    # the refresh wait grows from ~1 to ~15 ms over the run (a phase wander), the system's part is flat at 30 ms
+    wander = run(lambda t: 1.0 + 0.6 * t, lambda t: 30.0)["drift"]
+    assert wander["within_10_pct"] is False and wander["last_over_first"] > 1.1
+    assert wander["to_compositor"] == {"first_window_p99": 30.0, "last_window_p99": 30.0, "last_over_first": 1.0,
+                                       "within_10_pct": True}
+    # a queue that grows before the compositor shows in both
+    queue = run(lambda t: 8.0, lambda t: 30.0 + 2.0 * t)["drift"]
+    assert queue["within_10_pct"] is False and queue["to_compositor"]["within_10_pct"] is False
+    # receivers that report no hand-over (aiortc) have only the glass-to-glass criterion
+    v = ViewerData("aiortc", 0)
+    for i, r in recs.items():
+        v.samples.append((i, r["t_capture_ns"] + 40_000_000, -1, -1, -1))
+    w = Window()
+    w.t0_ns, w.t1_ns = T0, T0 + 25 * 10**9
+    assert "to_compositor" not in analyse("sonomaly", [v], recs, w, budget_ms=200, window_s=10.0)["drift"]
+
+
 def test_drift_trend_separates_a_wander_from_a_growing_queue():
     from sonomaly.tools.latency import drift_summary
 

@@ -129,6 +129,25 @@ def test_ai_max_fps_caps_the_heatmaps_not_the_video(demo_clip, engine):
             p.set_ai_max_fps(bad)
 
 
+@pytest.mark.parametrize("field,bad", [
+    ("ai_max_fps", float("nan")), ("ai_max_fps", -1.0), ("max_ai_lag_ms", float("nan")), ("max_ai_lag_ms", 0.0),
+    ("ai_wait_ms", -5.0), ("ai_wait_ms", float("inf")), ("no_signal_after_ms", float("nan")), ("fallback_fps", 0.0),
+    ("engine_retry_s", -1.0), ("temporal_alpha", 1.5), ("temporal_alpha", float("nan")), ("records", 0),
+    ("ai_nice", 20), ("ai_nice", -1), ("map_side", 0), ("ai_wait_ms", "15"), ("records", True)])
+def test_config_rejects_values_that_would_stall_the_loops(field, bad):
+    """NaN compares false with everything, so a NaN time would silently turn off the checks it reaches (the
+    AI-lag banner, the NO SIGNAL timer): every number is checked when the config is made, with its name."""
+    with pytest.raises(ValueError, match=field):
+        PipelineConfig(**{field: bad})
+
+
+def test_config_accepts_its_defaults_and_the_documented_offs():
+    PipelineConfig()
+    c = PipelineConfig(ai_max_fps=None, temporal_alpha=None, map_side=None, ai_wait_ms=0, engine_retry_s=0)
+    assert c.ai_max_fps is None and c.map_side is None
+    assert PipelineConfig(map_side=160.0).map_side == 160 and isinstance(PipelineConfig(map_side=160.0).map_side, int)
+
+
 def test_heatmaps_made_at_map_side_are_drawn_over_the_whole_frame(demo_clip, engine):
     """``map_side``: the worker's maps are smaller than the frame (frame-aligned), and the composer still draws them:
     the same frames composed from full-size maps (``map_side=None``) look the same."""

@@ -163,6 +163,11 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     if args.ai_max_fps is not None and not (math.isfinite(args.ai_max_fps) and args.ai_max_fps > 0):
         print(f"sonomaly: --ai-max-fps must be a number above 0, not {args.ai_max_fps}", file=sys.stderr)
         return 2
+    try:  # the pipeline's own checks (NaN or negative times), before anything is opened
+        PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms)
+    except ValueError as e:
+        print(f"sonomaly: {str(e).replace('PipelineConfig.', '--').replace('_', '-')}", file=sys.stderr)
+        return 2
     try:
         playout_delay = parse_playout(args.playout_delay)
     except ValueError as e:

@@ -963,7 +963,8 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
             g2g.append(lat)
             timeline.append(((t_show - t0) / 1e9, lat, v.index))
             parts.append((row["server_total"], row["after_server"], row.get("send_network", math.nan),
-                          row.get("jitter_decode", row.get("jitter_decode_paint", math.nan))))
+                          row.get("jitter_decode", row.get("jitter_decode_paint", math.nan)),
+                          lat - row["paint"] if "paint" in row else math.nan))
         lost_server = lost_after = 0
         if ids:
             lo, hi = min(ids), max(ids)
@@ -1060,6 +1061,12 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                     col = col[np.isfinite(col)]
                     if col.size:
                         w[f"{name}_p50"] = round(pct(col, 50), 3)
+                # up to the hand-over to the compositor (a browser's presentationTime): the same latency without the
+                # wait for the display's next refresh, whose phase against the source's frame clock wanders
+                col = prt[inwin, 4]
+                col = col[np.isfinite(col)]
+                if col.size:
+                    w["to_compositor_p99"] = round(pct(col, 99), 3)
                 windows.append(w)
             k += 1
     result["window_s"] = ws
@@ -1084,12 +1091,20 @@ def drift_summary(windows: list[dict[str, Any]], ws: float) -> dict[str, Any] | 
     p = np.array([w["p99"] for w in full], float)
     slope = float(np.polyfit(t, p, 1)[0]) if len(full) >= 3 else (p[-1] - p[0]) / max(t[-1] - t[0], 1e-9)
     server = [w["server_total_p50"] for w in full if w.get("server_total_p50") is not None]
-    return {"first_window_p99": a, "last_window_p99": b,
-            "last_over_first": round(b / a, 4) if a else None,
-            "within_10_pct": bool(a) and abs(b - a) <= 0.10 * a,
-            "p99_slope_ms_per_min": round(slope, 3),
-            "p99_min": round(float(p.min()), 3), "p99_max": round(float(p.max()), 3),
-            "server_p50_range_ms": [round(min(server), 3), round(max(server), 3)] if server else None}
+    out = {"first_window_p99": a, "last_window_p99": b,
+           "last_over_first": round(b / a, 4) if a else None,
+           "within_10_pct": bool(a) and abs(b - a) <= 0.10 * a,
+           "p99_slope_ms_per_min": round(slope, 3),
+           "p99_min": round(float(p.min()), 3), "p99_max": round(float(p.max()), 3),
+           "server_p50_range_ms": [round(min(server), 3), round(max(server), 3)] if server else None}
+    # the same criterion without the display's refresh wait (browsers only: they report when a frame was handed to
+    # the compositor): what the system itself adds, free of the source-clock / refresh-clock phase
+    if all("to_compositor_p99" in w for w in (full[0], full[-1])):
+        ca, cb = full[0]["to_compositor_p99"], full[-1]["to_compositor_p99"]
+        out["to_compositor"] = {"first_window_p99": ca, "last_window_p99": cb,
+                                "last_over_first": round(cb / ca, 4) if ca else None,
+                                "within_10_pct": bool(ca) and abs(cb - ca) <= 0.10 * ca}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1341,7 +1356,11 @@ def markdown(report: dict) -> str:
                        + (f"; trend of the per-window p99 {d['p99_slope_ms_per_min']:+.2f} ms/min, range "
                           f"{d['p99_min']:.1f}–{d['p99_max']:.1f} ms" if "p99_slope_ms_per_min" in d else "")
                        + (f"; server's per-window median {d['server_p50_range_ms'][0]:.1f}–"
-                          f"{d['server_p50_range_ms'][1]:.1f} ms" if d.get("server_p50_range_ms") else "") + ".")
+                          f"{d['server_p50_range_ms'][1]:.1f} ms" if d.get("server_p50_range_ms") else "")
+                       + (f"; up to the compositor (without the refresh wait) first {d['to_compositor']['first_window_p99']:.1f}"
+                          f" ms, last {d['to_compositor']['last_window_p99']:.1f} ms (× {d['to_compositor']['last_over_first']}, "
+                          f"within 10 %: {'yes' if d['to_compositor']['within_10_pct'] else 'no'})"
+                          if d.get("to_compositor") else "") + ".")
     return "\n".join(out) + "\n"
 
 
