@@ -321,3 +321,16 @@ def test_drift_trend_separates_a_wander_from_a_growing_queue():
     queue = drift_summary(windows([50 + 3 * i for i in range(10)]), 60.0)
     assert queue["p99_slope_ms_per_min"] == 3.0
     assert drift_summary(windows([50]), 60.0) is None and drift_summary(windows([50, 51]), 5.0) is None
+
+
+def test_a_clock_step_during_the_run_voids_it():
+    """Numbers from a real 10-minute run on a VM whose wall clock stepped mid-run (every frame ~450 ms "late"):
+    the run is declared invalid; the calibrations of good runs pass."""
+    from sonomaly.tools.latency import clock_problem
+
+    good = {"offset_start": -0.1, "offset_end": 0.3, "spread": 0.9, "cross_check": 0.2, "cross_check_bound": 0.5}
+    assert clock_problem({"server_offset_spread_us": 3.2}, [good, None]) is None
+    assert "8181.5 ms" in clock_problem({"server_offset_spread_us": 8181483.3}, [good])
+    stepped = dict(good, offset_end=838.0, cross_check=-419.0)
+    assert "disagree" in clock_problem({"server_offset_spread_us": 3.2}, [stepped])
+    assert "moved" in clock_problem({"server_offset_spread_us": None}, [dict(good, offset_end=9.0)])

@@ -1174,7 +1174,36 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
     offs = poller.offsets_ns
     result["clock"] = {"server_unix_minus_monotonic_ns": offset,
                        "server_offset_spread_us": round((max(offs) - min(offs)) / 1e3, 1) if offs else None}
+    problem = clock_problem(result["clock"], [v.stats.get("clock_calibration_ms") for v in data])
+    if problem:  # the numbers are not latencies: say so, and never let such a run pass
+        result["clock"]["problem"] = problem
+        result["pass"] = False
+        print(f"sonomaly latency: INVALID RUN: {problem}", file=sys.stderr)
     return result
+
+
+CLOCK_STEP_MS = 2.0
+"""How far the wall clock may move against the monotonic clock during a run before its latencies are void."""
+
+
+def clock_problem(clock: dict[str, Any], calibrations: list[dict | None]) -> str | None:
+    """Why a run's browser-to-server clock mapping cannot be trusted, or ``None``. Browser times are unix ns mapped
+    onto the server's monotonic clock through one offset; a wall clock that steps during the run (NTP, a VM paused
+    and resumed) shifts every later latency by the step. Seen on a VM: an 8-s spread of the server's offset and
+    ~450 ms added to every frame of a 10-minute run."""
+    spread = clock.get("server_offset_spread_us")
+    if spread is not None and spread / 1e3 > CLOCK_STEP_MS:
+        return (f"the server's wall clock moved {spread / 1e3:.1f} ms against its monotonic clock during the run "
+                f"(more than {CLOCK_STEP_MS:g} ms): the latencies are shifted by it")
+    for i, cal in enumerate(c for c in calibrations if c):
+        cc, bound = cal.get("cross_check"), cal.get("cross_check_bound")
+        if cc is not None and bound is not None and abs(cc) > bound + CLOCK_STEP_MS:
+            return (f"viewer {i}: the direct clock reading and the wall-clock route disagree by {cc:.1f} ms "
+                    f"(bound {bound:.1f} ms): a clock stepped during the run")
+        a, b = cal.get("offset_start"), cal.get("offset_end")
+        if a is not None and b is not None and abs(b - a) > CLOCK_STEP_MS + (cal.get("spread") or 0.0):
+            return (f"viewer {i}: the browser's clock offset moved {b - a:.1f} ms between the run's start and end")
+    return None
 
 
 def _fmt(x, nd=1) -> str:
