@@ -164,7 +164,8 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
         print(f"sonomaly: --ai-max-fps must be a number above 0, not {args.ai_max_fps}", file=sys.stderr)
         return 2
     try:  # the pipeline's own checks (NaN or negative times), before anything is opened
-        PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms)
+        config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms, hud=not args.no_hud,
+                                ai_nice=args.ai_nice, ai_max_fps=args.ai_max_fps)
     except ValueError as e:
         print(f"sonomaly: {str(e).replace('PipelineConfig.', '--').replace('_', '-')}", file=sys.stderr)
         return 2
@@ -196,8 +197,6 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended
     live = source_uri.removeprefix("stamp:").startswith(LIVE_PREFIXES)  # stamp: = frame-id barcode (latency)
     source = ReconnectingSource(lambda: open_source(source_uri, loop=loop), reconnect_on_end=live)
-    config = PipelineConfig(max_ai_lag_ms=args.max_ai_lag_ms, ai_wait_ms=args.ai_wait_ms, hud=not args.no_hud,
-                            ai_nice=args.ai_nice, ai_max_fps=args.ai_max_fps)
     pipeline = Pipeline(source, engine, config)
     from sonomaly.stream.app import ServerOptions
     from sonomaly.stream.recorder import EventConfig

@@ -1056,17 +1056,15 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                      "fps": round(sel.size / len(viewers) / length, 2) if viewers else None,
                      "p50": round(pct(sel, 50), 3), "p95": round(pct(sel, 95), 3), "p99": round(pct(sel, 99), 3),
                      "max": round(float(sel.max()), 3)}
-                for j, name in enumerate(("server_total", "after_server", "send_network", "jitter_decode")):
+                # the medians place a trend in the server or the receiver; to_compositor (up to a browser's
+                # presentationTime) is the latency without the wait for the display's next refresh, whose phase
+                # against the source's frame clock wanders
+                for j, key in enumerate(("server_total_p50", "after_server_p50", "send_network_p50",
+                                         "jitter_decode_p50", "to_compositor_p99")):
                     col = prt[inwin, j]
                     col = col[np.isfinite(col)]
                     if col.size:
-                        w[f"{name}_p50"] = round(pct(col, 50), 3)
-                # up to the hand-over to the compositor (a browser's presentationTime): the same latency without the
-                # wait for the display's next refresh, whose phase against the source's frame clock wanders
-                col = prt[inwin, 4]
-                col = col[np.isfinite(col)]
-                if col.size:
-                    w["to_compositor_p99"] = round(pct(col, 99), 3)
+                        w[key] = round(pct(col, int(key[-2:])), 3)
                 windows.append(w)
             k += 1
     result["window_s"] = ws
@@ -1086,24 +1084,24 @@ def drift_summary(windows: list[dict[str, Any]], ws: float) -> dict[str, Any] | 
     full = [w for w in windows if w["length_s"] >= 0.99 * ws]
     if len(full) < 2 or ws < 10:
         return None
-    a, b = full[0]["p99"], full[-1]["p99"]
     t = np.array([w["t_s"] for w in full], float) / 60.0
     p = np.array([w["p99"] for w in full], float)
     slope = float(np.polyfit(t, p, 1)[0]) if len(full) >= 3 else (p[-1] - p[0]) / max(t[-1] - t[0], 1e-9)
     server = [w["server_total_p50"] for w in full if w.get("server_total_p50") is not None]
-    out = {"first_window_p99": a, "last_window_p99": b,
-           "last_over_first": round(b / a, 4) if a else None,
-           "within_10_pct": bool(a) and abs(b - a) <= 0.10 * a,
+
+    def first_last(key: str) -> dict[str, Any]:
+        a, b = full[0][key], full[-1][key]
+        return {"first_window_p99": a, "last_window_p99": b, "last_over_first": round(b / a, 4) if a else None,
+                "within_10_pct": bool(a) and abs(b - a) <= 0.10 * a}
+
+    out = {**first_last("p99"),
            "p99_slope_ms_per_min": round(slope, 3),
            "p99_min": round(float(p.min()), 3), "p99_max": round(float(p.max()), 3),
            "server_p50_range_ms": [round(min(server), 3), round(max(server), 3)] if server else None}
     # the same criterion without the display's refresh wait (browsers only: they report when a frame was handed to
     # the compositor): what the system itself adds, free of the source-clock / refresh-clock phase
     if all("to_compositor_p99" in w for w in (full[0], full[-1])):
-        ca, cb = full[0]["to_compositor_p99"], full[-1]["to_compositor_p99"]
-        out["to_compositor"] = {"first_window_p99": ca, "last_window_p99": cb,
-                                "last_over_first": round(cb / ca, 4) if ca else None,
-                                "within_10_pct": bool(ca) and abs(cb - ca) <= 0.10 * ca}
+        out["to_compositor"] = first_last("to_compositor_p99")
     return out
 
 
