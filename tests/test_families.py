@@ -324,6 +324,21 @@ def test_bench_latency_only_times_every_label_at_the_size_with_its_own_config(tm
     assert all(a["ms_1t"] > 0 and a["ms_2t"] > 0 for a in at.values())
     assert all(a["machine"].startswith(cpu_model()) for a in at.values())  # where each timing was made
     assert main(["bench", "detectors", "--latency-only", "--json", str(tmp_path / "none.json")]) == 2
+    # --latency-table: every label at 256² and at its own size on this one machine, into its own file
+    from sonomaly.tools.bench_detectors import latency_md
+
+    before = p.read_text()
+    out = tmp_path / "lat" / "t.json"
+    assert main(["bench", "detectors", "--latency-only", "--latency-table", str(out), "--json", str(p)]) == 0
+    assert p.read_text() == before  # the benchmark file is left as it is
+    t = json.loads(out.read_text())
+    assert set(t["latency"]) == {"draem", "draem+ens2", "classifier"} and t["source"] == "d.json"
+    assert t["machine"]["cpu"] == cpu_model() and t["machine"]["nproc"] >= 1 and t["utc"][:2] == "20"
+    assert all(v["ms_1t"] > 0 and v["at_size"]["ms_2t"] > 0 for v in t["latency"].values())
+    assert t["latency"]["classifier"]["at_size"]["size"] == 2 * SIZE
+    assert t["latency"]["draem+ens2"]["params"] == 2 * t["latency"]["draem"]["params"]  # its own config at 256²
+    md = latency_md(t)
+    assert md.count("\n| ") == 1 + 3 and f"| draem+ens2 | {t['latency']['draem+ens2']['params']} |" in md
 
 
 def test_draem_image_loss_charges_the_hottest_cells_of_lesion_free_frames():
@@ -372,3 +387,33 @@ def test_draem_fine_map_is_at_half_resolution_and_exports(normal_dir, tmp_path):
     model = build("draem", size=[SIZE, SIZE], fine=True)
     assert model.k == max(1, round(0.01 * (SIZE // 2) ** 2)) and any(k.startswith("d0.") for k in model.state_dict())
     assert not any(k.startswith("d0.") for k in build("draem", size=[SIZE, SIZE]).state_dict())
+
+
+def test_draem_context_sees_the_rest_of_the_frame_and_exports(normal_dir, tmp_path):
+    """``context``: the frame's mean bottleneck feature is added to every cell, so a cell's logit depends on what lies
+    far outside its own receptive field (without it, a change in a far corner leaves the cell untouched); every
+    ensemble member has it, ONNX Runtime matches PyTorch, and without it the state-dict keys stay as shipped."""
+    from sonomaly.engines.models.draem import _unet_logits
+
+    big = 128  # the top-left cell's receptive field (~110 px) ends well before the far corner
+    x = torch.zeros(1, 2, big, big)
+    x[0, 1] = 1.0
+    far = x.clone()
+    far[0, 0, 72:, :] = far[0, 0, :, 72:] = 3.0  # bright beyond 72 px down or right: outside that field
+    for context, moves in ((True, True), (False, False)):
+        model = build("draem", size=[big, big], context=context, members=2).eval()
+        for i in range(2):
+            with torch.no_grad():
+                a, b = (_unet_logits(model.member(i), v[:, :1]) for v in (x, far))
+            assert bool((a[..., 0, 0] - b[..., 0, 0]).abs().max() > 0) == moves  # the top-left cell: exactly 0 without
+        assert any(".ctx." in k or k.startswith("ctx.") for k in model.state_dict()) == context
+        assert sum(k.startswith("more.0.ctx.") for k in model.state_dict()) == (2 if context else 0)
+    cfg = {**FAST["draem"][0], "context": True}
+    card = train("draem", normal_dir, tmp_path / "m", size=SIZE, epochs=2, seed=0, val_fraction=0.25,
+                 region_fn=full_region, family_config=cfg, progress=False, batch_size=8)
+    assert card.family_config["context"] is True
+    ort, ref = load(tmp_path / "m", backend="onnxruntime"), load(tmp_path / "m", backend="torch")
+    img = speckle(SIZE, 7, lesion=True)
+    xi = preprocess(img, full_region(img), card)
+    (ma, sa), (mb, sb) = ort.infer(xi), ref.infer(xi)
+    assert np.abs(ma - mb).max() <= 1e-4 and abs(float(sa[0]) - float(sb[0])) <= 1e-4

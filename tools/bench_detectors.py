@@ -259,6 +259,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-only", action="store_true",
                    help="train nothing: time every label already in --json at the size it was benchmarked at (its "
                         "'at_size' entry) with the label's own configuration, and rewrite the file")
+    p.add_argument("--latency-table", default="", metavar="OUT.json",
+                   help="with --latency-only: time every label of --json at 256² and at its own size on this one "
+                        "machine and write them to OUT.json (with the machine), leaving --json as it is")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -270,6 +273,8 @@ def run(args) -> int:
         k, v = kv.split("=")
         STEPS[k] = int(v)
     if args.latency_only:  # times the labels of an existing file: needs no data
+        if args.latency_table:
+            return latency_table(Path(args.json), Path(args.latency_table))
         return retime_at_size(Path(args.json))
     root = Path(args.data)
     if not (root / "MANIFEST.csv").exists():
@@ -329,6 +334,14 @@ def run(args) -> int:
     return 0
 
 
+def _labels_and_configs(path: Path):
+    results = json.loads(path.read_text())
+    labels = sorted({k.split("/")[1] for k in results.get("runs", {})})
+    configs = results.get("settings", {}).get("configs", {})
+    return results, [(lb, lb.split("+")[0], configs.get(lb, {}).get("lung") or family_config(lb.split("+")[0], "lung"))
+                     for lb in labels]
+
+
 def retime_at_size(path: Path) -> int:
     """``--latency-only``: every label of ``path`` timed at the size it was benchmarked at (a default ships there)."""
     from sonomaly.engines.train import label_size
@@ -337,12 +350,8 @@ def retime_at_size(path: Path) -> int:
         print(f"bench detectors: {path} not found (--latency-only times the labels of an existing file)",
               file=sys.stderr)
         return 2
-    results = json.loads(path.read_text())
-    labels = sorted({k.split("/")[1] for k in results.get("runs", {})})
-    configs = results.get("settings", {}).get("configs", {})
-    for label in labels:
-        fam = label.split("+")[0]
-        cfg = configs.get(label, {}).get("lung") or family_config(fam, "lung")
+    results, labels = _labels_and_configs(path)
+    for label, fam, cfg in labels:
         size = label_size(results, label)
         lat = results.setdefault("latency", {}).setdefault(label, {})
         lat["at_size"] = {"size": size, **onnx_latency(fam, cfg, size)}
@@ -350,6 +359,44 @@ def retime_at_size(path: Path) -> int:
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
     return 0
+
+
+def latency_table(path: Path, out: Path) -> int:
+    """``--latency-only --latency-table OUT``: every label of ``path`` timed at 256² and at its own size, all on this
+    machine, written to ``out`` with the machine and the time (the file's own latencies come from many machines)."""
+    from datetime import datetime, timezone
+
+    from sonomaly.engines.train import label_size
+
+    if not path.exists():
+        print(f"bench detectors: {path} not found (--latency-only times the labels of an existing file)",
+              file=sys.stderr)
+        return 2
+    results, labels = _labels_and_configs(path)
+    rows = {}
+    for label, fam, cfg in labels:
+        size = label_size(results, label)
+        rows[label] = {**onnx_latency(fam, cfg), "at_size": {"size": size, **onnx_latency(fam, cfg, size)}}
+        print(f"[bench] latency {label}: {rows[label]}", file=sys.stderr, flush=True)
+    doc = {"source": path.name, "utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+           "machine": {"nproc": os.cpu_count(), **cpu_fields(), "platform": platform.platform()}, "latency": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(latency_md(doc))
+    return 0
+
+
+def latency_md(doc: dict) -> str:
+    """A Markdown table of a :func:`latency_table` file: one machine, every label, ms per frame at 256² and its size."""
+    lines = [f"ONNX Runtime CPU, batch 1, median of 60 calls; {cpu_label(doc['machine'])}, nproc "
+             f"{doc['machine'].get('nproc', '?')}, {doc['utc']} UTC.", "",
+             "| label | params | 256² 1 thread | 256² 2 threads | own size | 1 thread | 2 threads |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in sorted(doc["latency"].items()):
+        a = r["at_size"]
+        lines.append(f"| {label} | {r['params']} | {r['ms_1t']} | {r['ms_2t']} | {a['size']}² | {a['ms_1t']} | "
+                     f"{a['ms_2t']} |")
+    return "\n".join(lines)
 
 
 def summarise(results: dict) -> dict:

@@ -19,6 +19,11 @@ lesion-free frame cost it almost nothing although they set that frame's image sc
 charges each lesion-free item's image logit (the mean of its top-k in-scan logits, the quantity the image score
 ranks) towards 0, weighted by ``img_loss``.  Measured on BUSI (``benchmarks/detectors.md``, ``draem+ens2s160neg``)
 it lowers every metric — the maps learn to stay cold, lesions included — so it is off by default.
+
+Frame context (optional, ``context``): a cell's logit otherwise sees only its receptive field (~110 px), so a dark
+fat lobule looks like a mass whatever the rest of the scan shows.  With ``context`` the frame's mean bottleneck
+feature, through a 1x1 layer, is added to every bottleneck cell before decoding (a few thousand parameters per member,
+static shapes, exported in-graph).  Measured on BUSI in ``benchmarks/detectors.md`` (``draem+ens2ctx``).
 """
 from __future__ import annotations
 
@@ -43,7 +48,7 @@ class SyntheticSegmenter(nn.Module):
     def __init__(self, size=(256, 256), in_channels: int = 2, widths=(16, 32, 48, 64), synth: str = "all",
                  topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5,
                  real_p: float = 0.0, aug: str = "flip", members: int = 1, tta_flip: bool = False,
-                 img_loss: float = 0.0, fine: bool = False):
+                 img_loss: float = 0.0, fine: bool = False, context: bool = False):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.in_channels, self.widths, self.synth = int(in_channels), tuple(int(w) for w in widths), synth
@@ -58,26 +63,26 @@ class SyntheticSegmenter(nn.Module):
         if float(img_loss) < 0:
             raise ValueError(f"draem: img_loss must be >= 0, got {img_loss}")
         self.img_loss = float(img_loss)
-        self.fine = bool(fine)
+        self.fine, self.context = bool(fine), bool(context)
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.factor = 2 if self.fine else 4  # fine: one more decoder stage, the map at 1/2 resolution
         self.map_hw = (self.size[0] // self.factor, self.size[1] // self.factor)
         self.k = max(1, int(round(self.topk_frac * self.map_hw[0] * self.map_hw[1])))
         torch.manual_seed(self.seed)
-        _unet_layers(self, self.widths, self.fine)
+        _unet_layers(self, self.widths, self.fine, self.context)
         # further ensemble members: the same U-Net, each from its own initialisation (member 0 is this module's own
         # layers, so a one-member model keeps the state-dict keys it always had)
         more = []
         for i in range(1, self.members):
             torch.manual_seed(self._member_seed(i))
-            more.append(_UNet(self.widths, self.fine))
+            more.append(_UNet(self.widths, self.fine, self.context))
         self.more = nn.ModuleList(more)
 
     def config(self) -> dict:
         return dict(size=list(self.size), in_channels=self.in_channels, widths=list(self.widths), synth=self.synth,
                     topk_frac=self.topk_frac, score_erode=self.score_erode, seed=self.seed, lr=self.lr,
                     p_anomaly=self.p_anomaly, real_p=self.real_p, aug=self.aug, members=self.members,
-                    tta_flip=self.tta_flip, img_loss=self.img_loss, fine=self.fine)
+                    tta_flip=self.tta_flip, img_loss=self.img_loss, fine=self.fine, context=self.context)
 
     def set_lesion_bank(self, x: torch.Tensor, masks: torch.Tensor) -> None:
         """Real abnormal inputs ``[M,C,H,W]`` (preprocessed like the normal frames) and their lesion masks ``[M,1,H,W]``
@@ -219,13 +224,15 @@ def _topk_image_loss(lg: torch.Tensor, mm: torch.Tensor, t: torch.Tensor, k: int
 class _UNet(nn.Module):
     """A further ensemble member: the layers of :class:`SyntheticSegmenter`'s own U-Net."""
 
-    def __init__(self, widths, fine: bool = False):
+    def __init__(self, widths, fine: bool = False, context: bool = False):
         super().__init__()
-        _unet_layers(self, widths, fine)
+        _unet_layers(self, widths, fine, context)
 
 
-def _unet_layers(net: nn.Module, widths, fine: bool = False) -> None:
-    """The U-Net's layers, set on ``net``: encoder to 1/16, decoder back to 1/4 (``fine``: to 1/2), a 1x1 logit head."""
+def _unet_layers(net: nn.Module, widths, fine: bool = False, context: bool = False) -> None:
+    """The U-Net's layers, set on ``net``: encoder to 1/16, decoder back to 1/4 (``fine``: to 1/2), a 1x1 logit head;
+    ``context``: the whole frame's mean bottleneck feature, through a 1x1 layer, added to every bottleneck cell (what
+    the rest of the scan looks like, for cells whose own neighbourhood is ambiguous)."""
     w0, w1, w2, w3 = widths
     net.e0 = nn.Sequential(_cbr(1, w0, 2), _cbr(w0, w0))          # 1/2
     net.e1 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))         # 1/4
@@ -236,6 +243,8 @@ def _unet_layers(net: nn.Module, widths, fine: bool = False) -> None:
     if fine:
         net.d0 = _cbr(w1 + w0, w0)
     net.head = nn.Conv2d(w0 if fine else w1, 1, 1)
+    if context:
+        net.ctx = nn.Sequential(nn.Conv2d(w3, w3, 1), nn.ReLU(inplace=True))
 
 
 def _unet_logits(net, img):
@@ -243,6 +252,8 @@ def _unet_logits(net, img):
     b = net.e1(a)
     c = net.e2(b)
     d = net.e3(c)
+    if hasattr(net, "ctx"):  # context: the frame's mean feature, broadcast to every cell
+        d = d + net.ctx(d.mean((2, 3), keepdim=True))
     c = net.d2(torch.cat([F.interpolate(d, scale_factor=2.0, mode="nearest"), c], 1))
     b = net.d1(torch.cat([F.interpolate(c, scale_factor=2.0, mode="nearest"), b], 1))
     if hasattr(net, "d0"):  # fine: 1/2 resolution
