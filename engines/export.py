@@ -7,8 +7,9 @@
 * ``model.fp16.onnx``   FP16 weights and maths, float32 inputs/outputs (``--fp16``; for GPUs: ORT CUDA / TensorRT);
 * ``model.int8.onnx``   static QDQ INT8 (``--int8 --calib DIR``): ONNX Runtime ``quantize_static`` calibrated on
   *normal* frames preprocessed exactly as the pipeline does (``stream.roi.detect_scan_region`` + ``processing.preprocess``).
-  It is kept only if, on validation data, the image AUROC drops by <= 1 point and the pixel AUROC by <= 2 points
-  against FP32; otherwise the file is removed, FP32 is what runs, and the card says so.
+  It is kept only if, on validation data against FP32, the image AUROC drops by <= 1 point, the pixel AUROC by <= 2
+  points, the image scores keep their order (Spearman rho >= 0.99) and 99.9 % of the map cells move by <= half the
+  card's normal-to-threshold span; otherwise the file is removed, FP32 is what runs, and the card says so.
 
 Every file is checked with ``onnx.checker`` (full check).  Normalisation and thresholds stay in ``card.json``, never
 in a graph.  The card records the variants in ``files`` (``onnx``, ``onnx_batch``, ``onnx_fp16``, ``onnx_int8``), their
@@ -42,6 +43,8 @@ MIN_OPSET = 17
 DEFAULT_BATCH = 4
 INT8_MAX_IMAGE_AUROC_DROP = 0.01  # 1 point
 INT8_MAX_PIXEL_AUROC_DROP = 0.02  # 2 points
+INT8_MIN_SCORE_RHO = 0.99  # Spearman rho of the image scores vs FP32
+INT8_MAX_MAP_P999 = 0.5  # 99.9th percentile of the map cells' |change|, in units of the card's normal-to-threshold span
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "data" / "demo"
 VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -449,18 +452,34 @@ def compare(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
 
 
 def int8_gate(ref: dict[str, Any], q: dict[str, Any], *, max_image_drop: float = INT8_MAX_IMAGE_AUROC_DROP,
-              max_pixel_drop: float = INT8_MAX_PIXEL_AUROC_DROP) -> dict[str, Any]:
-    """Keep INT8 only if image AUROC drops <= ``max_image_drop`` and pixel AUROC <= ``max_pixel_drop`` (fractions)."""
+              max_pixel_drop: float = INT8_MAX_PIXEL_AUROC_DROP, min_score_rho: float = INT8_MIN_SCORE_RHO,
+              max_map_p999: float = INT8_MAX_MAP_P999, map_span: float | None = None) -> dict[str, Any]:
+    """Keep INT8 only if image AUROC drops <= ``max_image_drop`` and pixel AUROC <= ``max_pixel_drop`` (fractions)
+    and, where both sides carry their maps and scores (:func:`evaluate`), the maps and the ranking stay put: the
+    scores' Spearman rho >= ``min_score_rho`` and the 99.9th percentile of the map cells' |change| <=
+    ``max_map_p999`` of ``map_span`` (the card's normal-median-to-threshold span, raw units; 1 if not given).  An
+    AUROC alone can pass while the heatmap moves by most of the threshold on the frames that matter."""
     di = ref["image_auroc"] - q["image_auroc"]
     dp = ref["pixel_auroc"] - q["pixel_auroc"]
     ok = bool(np.isfinite(di) and np.isfinite(dp) and di <= max_image_drop + 1e-12 and dp <= max_pixel_drop + 1e-12)
     why = (f"image AUROC {ref['image_auroc']:.4f} -> {q['image_auroc']:.4f} (drop {100 * di:.2f} pt, max "
            f"{100 * max_image_drop:.0f}), pixel AUROC {ref['pixel_auroc']:.4f} -> {q['pixel_auroc']:.4f} "
            f"(drop {100 * dp:.2f} pt, max {100 * max_pixel_drop:.0f})")
+    out: dict[str, Any] = {}
+    if all(k in d for d in (ref, q) for k in ("maps", "scores")):
+        c = compare(ref, q)
+        span = float(map_span) if map_span and map_span > 0 else 1.0
+        rel = c["map_p999_abs_diff"] / span
+        rho = c["score_spearman"]
+        ok = ok and bool(np.isfinite(rho) and rho >= min_score_rho and np.isfinite(rel) and rel <= max_map_p999)
+        why += (f", score rho {rho:.4f} (min {min_score_rho}), map p99.9 |change| {rel:.2f} of the threshold span "
+                f"(max {max_map_p999})")
+        out = {"score_rho": rho, "map_p999_of_span": rel, "map_span": span, "min_score_rho": min_score_rho,
+               "max_map_p999": max_map_p999}
     return {"accepted": ok, "reason": ("accepted: " if ok else "rejected, FP32 is used instead: ") + why,
             "fp32": {"image_auroc": ref["image_auroc"], "pixel_auroc": ref["pixel_auroc"]},
             "int8": {"image_auroc": q["image_auroc"], "pixel_auroc": q["pixel_auroc"]},
-            "max_image_drop": max_image_drop, "max_pixel_drop": max_pixel_drop}
+            "max_image_drop": max_image_drop, "max_pixel_drop": max_pixel_drop, **out}
 
 
 def ort_infer(path: str | Path, threads: int = 2):
@@ -560,7 +579,8 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, *, fp16: bo
         quantize_int8(f32, p8, ctens, input_name=card.input_name)
         vs, r = _val()
         q = evaluate(ort_infer(p8), vs)
-        gate = int8_gate(r, q, max_image_drop=max_image_drop, max_pixel_drop=max_pixel_drop)
+        span = card.map_normalisation.high - card.map_normalisation.low
+        gate = int8_gate(r, q, max_image_drop=max_image_drop, max_pixel_drop=max_pixel_drop, map_span=span)
         entry = {"file": p8.name if gate["accepted"] else None, "gate": gate, "vs_fp32": compare(r, q),
                  "calibration": {"source": [Path(p).name for p in media_files(calib)], "frames": int(len(ctens)),
                                  "method": "minmax, QDQ, per-channel int8 weights, uint8 activations, Conv only, first and last Conv FP32"}}

@@ -121,6 +121,30 @@ def test_gate_rule():
     assert not int8_gate(ref, {"image_auroc": float("nan"), "pixel_auroc": 0.9})["accepted"]
 
 
+def test_gate_rule_also_bounds_the_maps_and_the_ranking():
+    """With maps and scores on both sides, an INT8 whose AUROCs pass is still rejected when its image scores change
+    order (rho < 0.99) or its map cells move by more than half the normal-to-threshold span in over 0.1 % of them."""
+    rng = np.random.default_rng(0)
+    maps = rng.random((20, 1, 1, 16, 16)).astype(np.float32)
+    scores = np.arange(20, dtype=np.float64)
+    ref = {"image_auroc": 0.95, "pixel_auroc": 0.90, "maps": maps, "scores": scores}
+    same = {**ref, "maps": maps + 0.01}
+    g = int8_gate(ref, same, map_span=0.5)
+    assert g["accepted"] and g["score_rho"] == pytest.approx(1.0) and g["map_p999_of_span"] == pytest.approx(0.02, abs=1e-5)
+    shuffled = {**same, "scores": scores[::-1].copy()}  # AUROCs as FP32's, ranking reversed
+    g = int8_gate(ref, shuffled, map_span=0.5)
+    assert not g["accepted"] and "score rho -1.0000" in g["reason"]
+    swapped = scores.copy()
+    swapped[[3, 4]] = swapped[[4, 3]]  # one neighbour pair out of order: rho 0.9992, still accepted
+    assert int8_gate(ref, {**same, "scores": swapped}, map_span=0.5)["accepted"]
+    moved = maps.copy()
+    moved[:2] += 0.3  # 10 % of the cells move by 0.6 of a 0.5 span
+    g = int8_gate(ref, {**ref, "maps": moved}, map_span=0.5)
+    assert not g["accepted"] and g["map_p999_of_span"] == pytest.approx(0.6, abs=1e-5)
+    assert int8_gate(ref, {**ref, "maps": moved}, map_span=1.0)["accepted"]  # 0.3 of a wider span passes
+    assert not int8_gate(ref, {**ref, "maps": moved + np.nan}, map_span=1.0)["accepted"]
+
+
 def test_export_errors(tmp_path):
     with pytest.raises(ExportError, match="--int8 needs --calib"):
         export(LUNG, tmp_path / "x", int8=True, progress=False)
