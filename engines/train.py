@@ -800,7 +800,8 @@ def _write_model_readme(out_dir: Path, card: ModelCard, organ: str, bench_rows: 
                   f"{b.get('clip_auroc')} (brightness-only frame AUROC {a.get('brightness_frame_auroc')} → "
                   f"{b.get('brightness_frame_auroc')} after matching)."]
     if lat:
-        lines += ["", "Latency (`Engine.infer`, batch 1, this shared 2-core CPU): " + "; ".join(
+        where = m.get("latency_cpu") or "this shared 2-core CPU"  # the machine it was trained and timed on
+        lines += ["", f"Latency (`Engine.infer`, batch 1, {where}): " + "; ".join(
             f"{k}: {v['ms_median']} ms median (p95 {v['ms_p95']})" for k, v in lat.items()) + "."]
     lines += ["", "## Limitations"] + [f"- {n}" for n in notes]
     lines += ["", "## Evaluate", "```sh",
@@ -887,6 +888,9 @@ def train_defaults(data_dir: str | Path, bench_json: str | Path, *, repo: str | 
                 "clips": clip_summary(tmp, [s for s in normal if s.group not in val], region_fn=_default_region_fn())}
         card.metrics["latency"] = {"onnxruntime_2_threads": measure_latency(tmp, "onnxruntime", threads=2, n=100),
                                    "onnxruntime_1_thread": measure_latency(tmp, "onnxruntime", threads=1, n=100)}
+        from sonomaly.tools.machine import cpu_fields, cpu_label
+
+        card.metrics["latency_cpu"] = f"{cpu_label(cpu_fields())}, {os.cpu_count()} cores"
         card.save(tmp)
         notes = _default_notes(card, organ, fam)
         dest = repo / "models" / organ
@@ -925,6 +929,10 @@ def _default_notes(card: ModelCard, organ: str, fam: str) -> list[str]:
                      f"are averaged{' over the frame and its mirror image' if views == 2 else ''} ({n * views} passes "
                      f"per frame). At {card.input_size[0]}² input the map has {card.map_shape[-2]}×{card.map_shape[-1]} "
                      "cells, upsampled and smoothed for display: outlines are coarse.")
+    if fam == "draem" and card.family_config.get("context"):
+        notes.append("Frame context: each U-Net adds the frame's mean bottleneck feature to every cell, so a cell's "
+                     "value also depends on the rest of the scan; the heat on a finding can shift a little when the "
+                     "rest of the frame changes (probe moved, depth or gain changed) although the finding did not.")
     if fam == "draem":
         notes.append("The map is the probability of a synthetic-style lesion: it localises dark, well-defined masses "
                      "best; the threshold is floored at probability 0.5 (held-out normal maps rarely reach it).")
