@@ -453,12 +453,14 @@ def compare(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
 
 def int8_gate(ref: dict[str, Any], q: dict[str, Any], *, max_image_drop: float = INT8_MAX_IMAGE_AUROC_DROP,
               max_pixel_drop: float = INT8_MAX_PIXEL_AUROC_DROP, min_score_rho: float = INT8_MIN_SCORE_RHO,
-              max_map_p999: float = INT8_MAX_MAP_P999, map_span: float | None = None) -> dict[str, Any]:
+              max_map_p999: float = INT8_MAX_MAP_P999, map_span: float | None = None,
+              comparison: dict[str, float] | None = None) -> dict[str, Any]:
     """Keep INT8 only if image AUROC drops <= ``max_image_drop`` and pixel AUROC <= ``max_pixel_drop`` (fractions)
     and, where both sides carry their maps and scores (:func:`evaluate`), the maps and the ranking stay put: the
     scores' Spearman rho >= ``min_score_rho`` and the 99.9th percentile of the map cells' |change| <=
     ``max_map_p999`` of ``map_span`` (the card's normal-median-to-threshold span, raw units; 1 if not given).  An
-    AUROC alone can pass while the heatmap moves by most of the threshold on the frames that matter."""
+    AUROC alone can pass while the heatmap moves by most of the threshold on the frames that matter.  ``comparison``:
+    :func:`compare` of the two, where the caller already has it."""
     di = ref["image_auroc"] - q["image_auroc"]
     dp = ref["pixel_auroc"] - q["pixel_auroc"]
     ok = bool(np.isfinite(di) and np.isfinite(dp) and di <= max_image_drop + 1e-12 and dp <= max_pixel_drop + 1e-12)
@@ -467,7 +469,7 @@ def int8_gate(ref: dict[str, Any], q: dict[str, Any], *, max_image_drop: float =
            f"(drop {100 * dp:.2f} pt, max {100 * max_pixel_drop:.0f})")
     out: dict[str, Any] = {}
     if all(k in d for d in (ref, q) for k in ("maps", "scores")):
-        c = compare(ref, q)
+        c = comparison or compare(ref, q)
         span = float(map_span) if map_span and map_span > 0 else 1.0
         rel = c["map_p999_abs_diff"] / span
         rho = c["score_spearman"]
@@ -580,8 +582,10 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, *, fp16: bo
         vs, r = _val()
         q = evaluate(ort_infer(p8), vs)
         span = card.map_normalisation.high - card.map_normalisation.low
-        gate = int8_gate(r, q, max_image_drop=max_image_drop, max_pixel_drop=max_pixel_drop, map_span=span)
-        entry = {"file": p8.name if gate["accepted"] else None, "gate": gate, "vs_fp32": compare(r, q),
+        vs = compare(r, q)
+        gate = int8_gate(r, q, max_image_drop=max_image_drop, max_pixel_drop=max_pixel_drop, map_span=span,
+                         comparison=vs)
+        entry = {"file": p8.name if gate["accepted"] else None, "gate": gate, "vs_fp32": vs,
                  "calibration": {"source": [Path(p).name for p in media_files(calib)], "frames": int(len(ctens)),
                                  "method": "minmax, QDQ, per-channel int8 weights, uint8 activations, Conv only, first and last Conv FP32"}}
         if gate["accepted"]:

@@ -335,6 +335,11 @@ def run(args) -> int:
 
 
 def _labels_and_configs(path: Path):
+    """``path``'s results and its labels as (label, family, lung config); None (said on stderr) if it is missing."""
+    if not path.exists():
+        print(f"bench detectors: {path} not found (--latency-only times the labels of an existing file)",
+              file=sys.stderr)
+        return None
     results = json.loads(path.read_text())
     labels = sorted({k.split("/")[1] for k in results.get("runs", {})})
     configs = results.get("settings", {}).get("configs", {})
@@ -346,11 +351,10 @@ def retime_at_size(path: Path) -> int:
     """``--latency-only``: every label of ``path`` timed at the size it was benchmarked at (a default ships there)."""
     from sonomaly.engines.train import label_size
 
-    if not path.exists():
-        print(f"bench detectors: {path} not found (--latency-only times the labels of an existing file)",
-              file=sys.stderr)
+    found = _labels_and_configs(path)
+    if found is None:
         return 2
-    results, labels = _labels_and_configs(path)
+    results, labels = found
     for label, fam, cfg in labels:
         size = label_size(results, label)
         lat = results.setdefault("latency", {}).setdefault(label, {})
@@ -368,11 +372,10 @@ def latency_table(path: Path, out: Path) -> int:
 
     from sonomaly.engines.train import label_size
 
-    if not path.exists():
-        print(f"bench detectors: {path} not found (--latency-only times the labels of an existing file)",
-              file=sys.stderr)
+    found = _labels_and_configs(path)
+    if found is None:
         return 2
-    results, labels = _labels_and_configs(path)
+    results, labels = found
     rows = {}
     for label, fam, cfg in labels:
         size = label_size(results, label)
