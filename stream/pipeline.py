@@ -109,7 +109,7 @@ class PipelineConfig:
         number("fallback_fps", 0, lo_open=True, hi=1000)
         number("engine_retry_s", 0)
         number("temporal_alpha", 0, lo_open=True, hi=1, optional=True)
-        number("ai_max_fps", 0, optional=True)
+        number("ai_max_fps", 0, hi=1000, optional=True)  # 0: no cap (as in the control API)
         number("records", 1)
         number("ai_nice", 0, hi=19)
         if self.map_side is not None:
@@ -300,8 +300,8 @@ class Pipeline:
     def set_ai_max_fps(self, fps: float | None) -> None:
         """Change :attr:`PipelineConfig.ai_max_fps` live (None or 0: no cap); a resting worker takes the next frame
         at once and the new cap counts from there."""
-        if fps is not None and not (math.isfinite(fps) and fps >= 0):
-            raise ValueError(f"ai_max_fps must be a number of 0 or more, not {fps}")
+        if fps is not None and not (math.isfinite(fps) and 0 <= fps <= 1000):
+            raise ValueError(f"ai_max_fps must be a number from 0 to 1000, not {fps}")
         self.config.ai_max_fps = float(fps) if fps else None
         self._ai_rest_until_ns = 0
         self._ai_wake.set()

@@ -105,13 +105,14 @@ def test_vp8_speed_is_checked():
     assert open_encoder("vp8", 64, 48, 1_000_000, speed=16).width == 64
 
 
-@pytest.mark.parametrize("bad, says", [(["--ai-nice", "20"], "--ai-nice must be 0..19"),
+@pytest.mark.parametrize("bad, says", [(["--ai-nice", "20"], "--ai-nice must be a finite number >= 0 and <= 19"),
                                        (["--vp8-speed", "20"], "--vp8-speed must be 0..16"),
                                        (["--bitrate", "fast"], "--bitrate: not a bitrate"),
                                        (["--playout-delay", "x"], "--playout-delay"),
                                        (["--ssl-certfile", "c.pem"], "go together"),
-                                       (["--ai-max-fps", "0"], "--ai-max-fps must be a number above 0"),
-                                       (["--ai-max-fps", "inf"], "--ai-max-fps must be a number above 0")])
+                                       (["--ai-max-fps", "-1"], "--ai-max-fps must be a finite number >= 0"),
+                                       (["--ai-max-fps", "1001"], "--ai-max-fps must be a finite number >= 0 and <= 1000"),
+                                       (["--ai-max-fps", "inf"], "--ai-max-fps must be a finite number >= 0")])
 def test_serve_options_are_checked_before_the_model_loads(bad, says, tmp_path):
     # a model folder that does not exist: had the model been loaded first, the error would be about the model
     r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "serve", "--source", "x.mp4",

@@ -124,13 +124,13 @@ def test_ai_max_fps_caps_the_heatmaps_not_the_video(demo_clip, engine):
             assert 0.6 * cap * 2.0 <= len(ai_ids) <= cap * 2.0 + 2, len(ai_ids)
             assert float(np.median(waits)) < 2.0, waits  # frames between heatmaps are not held back
     assert len(seen[None]) >= 2 * len(seen[8.0])
-    for bad in (-1.0, float("nan"), float("inf")):
+    for bad in (-1.0, float("nan"), float("inf"), 1001.0):
         with pytest.raises(ValueError):
             p.set_ai_max_fps(bad)
 
 
 @pytest.mark.parametrize("field,bad", [
-    ("ai_max_fps", float("nan")), ("ai_max_fps", -1.0), ("max_ai_lag_ms", float("nan")), ("max_ai_lag_ms", 0.0),
+    ("ai_max_fps", float("nan")), ("ai_max_fps", -1.0), ("ai_max_fps", 1001.0), ("max_ai_lag_ms", float("nan")), ("max_ai_lag_ms", 0.0),
     ("ai_wait_ms", -5.0), ("ai_wait_ms", float("inf")), ("no_signal_after_ms", float("nan")), ("fallback_fps", 0.0),
     ("engine_retry_s", -1.0), ("temporal_alpha", 1.5), ("temporal_alpha", float("nan")), ("records", 0),
     ("ai_nice", 20), ("ai_nice", -1), ("map_side", 0), ("ai_wait_ms", "15"), ("records", True)])
@@ -145,6 +145,7 @@ def test_config_accepts_its_defaults_and_the_documented_offs():
     PipelineConfig()
     c = PipelineConfig(ai_max_fps=None, temporal_alpha=None, map_side=None, ai_wait_ms=0, engine_retry_s=0)
     assert c.ai_max_fps is None and c.map_side is None
+    assert PipelineConfig(ai_max_fps=0).ai_max_fps == 0  # 0: no cap, as the control API and --ai-max-fps 0 say
     assert PipelineConfig(map_side=160.0).map_side == 160 and isinstance(PipelineConfig(map_side=160.0).map_side, int)
 
 
