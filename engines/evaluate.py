@@ -248,6 +248,25 @@ def _heat(frame: np.ndarray, amap: np.ndarray) -> np.ndarray:
     return (frame * (1 - a) + col * a).astype(np.uint8)
 
 
+def failure_lines(abn: list[Item], nor: list[Item], n: int = 10) -> list[str]:
+    """Markdown: the abnormal items that score under the image threshold (1.0) or under the highest normal one, and
+    the normal items over the threshold, by name and score (``abn`` / ``nor`` sorted by score, highest first)."""
+    top_normal = max(max(it.scores) for it in nor) if nor else None
+    missed = [it for it in abn[::-1] if max(it.scores) <= 1.0 or (top_normal is not None and max(it.scores) <= top_normal)]
+    alarms = [it for it in nor if max(it.scores) > 1.0]
+    out = ["## Failures", "",
+           f"Abnormal items under the image threshold (1.0) or under the highest normal score"
+           f"{f' ({top_normal:.2f})' if top_normal is not None else ''}: {len(missed)} of {len(abn)}"
+           f"{' — lowest first: ' if missed else ''}"
+           + ", ".join(f"`{it.path.name}` {max(it.scores):.2f}" for it in missed[:n])
+           + (f", … ({len(missed) - n} more)" if len(missed) > n else "") + ".",
+           "",
+           f"Normal items over the image threshold: {len(alarms)} of {len(nor)}{' — highest first: ' if alarms else ''}"
+           + ", ".join(f"`{it.path.name}` {max(it.scores):.2f}" for it in alarms[:n])
+           + (f", … ({len(alarms) - n} more)" if len(alarms) > n else "") + "."]
+    return out
+
+
 def write_report(res: dict[str, Any], items: list[Item], out_dir: str | Path, n_abnormal: int = 8,
                  n_normal: int = 4, tile: int = 192) -> dict[str, str]:
     """``grid.png`` (columns: image with the lesion outline, heatmap, map > threshold vs mask) and ``report.md``."""
@@ -255,7 +274,11 @@ def write_report(res: dict[str, Any], items: list[Item], out_dir: str | Path, n_
     out_dir.mkdir(parents=True, exist_ok=True)
     abn = sorted([it for it in items if it.label == 1], key=lambda it: -max(it.scores))
     nor = sorted([it for it in items if it.label == 0], key=lambda it: -max(it.scores))
-    pick = abn[: n_abnormal // 2] + abn[len(abn) // 2: len(abn) // 2 + n_abnormal - n_abnormal // 2] + nor[:n_normal]
+    # the best-found lesions, then the failures an engineer must look at: the lowest-scoring abnormal items (missed
+    # findings) and the highest-scoring normal ones (false alarms)
+    top = abn[: n_abnormal // 2]
+    low = [it for it in abn[::-1][: n_abnormal - n_abnormal // 2] if it not in top][::-1]
+    pick = top + low + nor[:n_normal]
     rows = []
     for it in pick:
         frame, amap, region = it.preview
@@ -291,8 +314,9 @@ def write_report(res: dict[str, Any], items: list[Item], out_dir: str | Path, n_
     lines += ["", f"Frames over the image threshold: {res.get('frames_over_threshold')}.", "",
               "![grid](grid.png)", "",
               "Grid columns: image (green: lesion mask), heatmap (1.0 = pixel threshold), map > threshold (red) vs mask "
-              "(green; yellow = overlap). Rows: highest- and middle-scoring abnormal items, then the highest-scoring "
-              "normal items.", "", "Definitions: " + json.dumps(res.get("definitions", {}))]
+              "(green; yellow = overlap). Rows: the highest-scoring abnormal items, the lowest-scoring ones (the "
+              "findings it misses), then the highest-scoring normal items (its false alarms)."]
+    lines += ["", *failure_lines(abn, nor), "", "Definitions: " + json.dumps(res.get("definitions", {}))]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return {"grid": str(out_dir / "grid.png"), "report": str(out_dir / "report.md")}
 

@@ -930,12 +930,16 @@ def _default_notes(card: ModelCard, organ: str, fam: str) -> list[str]:
                      f"per frame). At {card.input_size[0]}² input the map has {card.map_shape[-2]}×{card.map_shape[-1]} "
                      "cells, upsampled and smoothed for display: outlines are coarse.")
     if fam == "draem" and card.family_config.get("context"):
-        notes.append("Frame context: each U-Net adds the frame's mean bottleneck feature to every cell, so a cell's "
+        where = "the scan's" if card.family_config.get("context_pool") == "scan" else "the frame's"
+        notes.append(f"Frame context: each U-Net adds {where} mean bottleneck feature to every cell, so a cell's "
                      "value also depends on the rest of the scan; the heat on a finding can shift a little when the "
                      "rest of the frame changes (probe moved, depth or gain changed) although the finding did not.")
     if fam == "draem":
         notes.append("The map is the probability of a synthetic-style lesion: it localises dark, well-defined masses "
-                     "best; the threshold is floored at probability 0.5 (held-out normal maps rarely reach it).")
+                     "best and misses large isoechoic or heterogeneous masses and small lesions at the skin line "
+                     "(benchmarks/detectors.md, failure analysis); the threshold is floored at probability 0.5 "
+                     "(held-out normal maps rarely reach it), so it flags few normal frames and misses many findings: "
+                     "read a cold map as \"no dark mass found\", not as \"normal\".")
         if float(card.family_config.get("real_p", 0) or 0) > 0:
             notes.append("Besides synthetic lesions it learned from the lesion masks of the BUSI abnormal images it was "
                          "given (as they are, and pasted onto normal frames): it is no longer trained on normal data "

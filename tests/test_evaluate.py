@@ -158,3 +158,17 @@ def test_shipped_breast_model_on_a_busi_sample(shared_data, tmp_path):
     for k in FIELDS:
         assert k in res
     assert 0.0 <= res["pixel_auroc"] <= 1.0 and 0.0 <= res["peak_hit_rate"] <= 1.0
+
+
+def test_report_names_the_missed_findings_and_the_false_alarms(tmp_path):
+    """The report lists the abnormal items under the image threshold or under the highest normal score (lowest
+    first) and the normal items over the threshold (highest first); the grid shows the lowest abnormal items."""
+    from sonomaly.engines.evaluate import Item, failure_lines
+
+    abn = [Item(Path(f"a{i}.png"), 1, False, scores=[s]) for i, s in enumerate((3.0, 1.6, 1.2, 0.4))]
+    nor = [Item(Path(f"n{i}.png"), 0, False, scores=[s]) for i, s in enumerate((1.3, 0.9, 0.2))]
+    text = "\n".join(failure_lines(abn, nor))
+    assert "2 of 4 — lowest first: `a3.png` 0.40, `a2.png` 1.20." in text  # 1.2 <= the top normal 1.3
+    assert "Normal items over the image threshold: 1 of 3 — highest first: `n0.png` 1.30." in text
+    clean = "\n".join(failure_lines(abn[:2], nor[1:]))
+    assert "0 of 2." in clean and "0 of 2." in clean.split("Normal items")[1]

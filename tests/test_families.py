@@ -417,3 +417,54 @@ def test_draem_context_sees_the_rest_of_the_frame_and_exports(normal_dir, tmp_pa
     xi = preprocess(img, full_region(img), card)
     (ma, sa), (mb, sb) = ort.infer(xi), ref.infer(xi)
     assert np.abs(ma - mb).max() <= 1e-4 and abs(float(sa[0]) - float(sb[0])) <= 1e-4
+
+
+def test_draem_context_pool_scan_ignores_what_lies_outside_the_scan(normal_dir, tmp_path):
+    """``context_pool="scan"``: the context's mean is taken over the scan's cells only, so the share of dark
+    background (which varies from frame to frame) does not move it: content outside the mask leaves the in-scan logits
+    of a ``scan`` model alone where a ``frame`` model's move; in-scan content still moves them; ONNX Runtime matches."""
+    big = 128
+    x = torch.rand(1, 2, big, big, generator=torch.Generator().manual_seed(3))
+    x[0, 1] = 0.0
+    x[0, 1, :, :32] = 1.0  # the scan: the left quarter (bottleneck cells' receptive fields reach ~45 px each side)
+    x[0, 0] *= x[0, 1]
+    outside = x.clone()
+    outside[0, 0, :, 96:] = 3.0  # bright far right, outside the scan (the mask still says 0 there) and its fields
+    inside = x.clone()
+    inside[0, 0, 100:, :32] = 3.0  # bright far down inside the scan, outside the top-left cell's receptive field
+    with pytest.raises(ValueError, match="context_pool"):
+        build("draem", size=[big, big], context=True, context_pool="fan")
+    moved = {}
+    for pool in ("frame", "scan"):
+        model = build("draem", size=[big, big], context=True, context_pool=pool).eval()
+        assert model.config()["context_pool"] == pool
+        with torch.no_grad():
+            a, b, c = (model.logits(v[:, :1], v[:, 1:2]) for v in (x, outside, inside))
+        moved[pool] = (float((a[..., 0, 0] - b[..., 0, 0]).abs().max()), float((a[..., 0, 0] - c[..., 0, 0]).abs().max()))
+    assert moved["frame"][0] > 0 and moved["scan"][0] == 0.0  # the top-left cell sees only 0..~110 px, not 96+
+    assert moved["scan"][1] > 0
+    cfg = {**FAST["draem"][0], "context": True, "context_pool": "scan", "members": 2, "tta_flip": True}
+    card = train("draem", normal_dir, tmp_path / "m", size=SIZE, epochs=2, seed=0, val_fraction=0.25,
+                 region_fn=full_region, family_config=cfg, progress=False, batch_size=8)
+    assert card.family_config["context_pool"] == "scan"
+    ort, ref = load(tmp_path / "m", backend="onnxruntime"), load(tmp_path / "m", backend="torch")
+    img = speckle(SIZE, 7, lesion=True)
+    xi = preprocess(img, full_region(img), card)
+    (ma, sa), (mb, sb) = ort.infer(xi), ref.infer(xi)
+    assert np.abs(ma - mb).max() <= 1e-4 and abs(float(sa[0]) - float(sb[0])) <= 1e-4
+
+
+def test_bench_table_reports_the_operating_point():
+    """The benchmark table gives, beside the AUROCs, the shares of abnormal and normal images over the card's image
+    threshold (what ships), averaged over the runs; runs without ``frames_over_threshold`` leave it blank."""
+    from sonomaly.tools.bench_detectors import aggregate, table
+
+    runs = [{"as_is": {"image_auroc": 0.9, "frames_over_threshold": {"normal": 0.0, "abnormal": 0.6}}},
+            {"as_is": {"image_auroc": 0.8, "frames_over_threshold": {"normal": 0.1, "abnormal": 0.4}}}]
+    agg = aggregate(runs, "as_is")
+    assert agg["sens_at_threshold"]["mean"] == 0.5 and agg["fpr_at_threshold"]["mean"] == 0.05
+    row = {"dataset_label": "BUSI", "family": "draem", "agg": agg}
+    assert "| 50 / 5 % |" in table({"summary": {"k": row}, "latency": {}})
+    bare = aggregate([{"as_is": {"image_auroc": 0.9}}], "as_is")
+    assert bare["sens_at_threshold"] is None
+    assert "| — |" in table({"summary": {"k": {**row, "agg": bare}}, "latency": {}})

@@ -206,13 +206,23 @@ def run_one(root: Path, dataset: str, family: str, seed: int, size: int, work: P
     return res
 
 
-METRICS = ("image_auroc", "image_ap", "clip_auroc", "pixel_auroc", "aupro", "dice", "peak_hit_rate", "brightness_auroc")
+METRICS = ("image_auroc", "image_ap", "clip_auroc", "pixel_auroc", "aupro", "dice", "peak_hit_rate", "brightness_auroc",
+           "sens_at_threshold", "fpr_at_threshold")
+
+
+def _metric(res: dict, k: str):
+    """One run's metric; ``sens_at_threshold`` / ``fpr_at_threshold``: the share of abnormal / normal images (frames)
+    over the card's image threshold (the operating point that ships: AUROC says nothing about it)."""
+    if k in ("sens_at_threshold", "fpr_at_threshold"):
+        fot = res.get("frames_over_threshold") or {}
+        return fot.get("abnormal" if k == "sens_at_threshold" else "normal") if isinstance(fot, dict) else None
+    return res.get(k)
 
 
 def aggregate(runs: list[dict], variant: str) -> dict:
     out = {}
     for k in METRICS:
-        v = [r[variant][k] for r in runs if variant in r and r[variant].get(k) is not None]
+        v = [_metric(r[variant], k) for r in runs if variant in r and _metric(r[variant], k) is not None]
         out[k] = {"mean": round(float(np.mean(v)), 4), "sd": round(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 4),
                   "n": len(v)} if v else None
     return out
@@ -222,6 +232,11 @@ def fmt(m):
     return "—" if m is None else f"{m['mean']:.3f} ± {m['sd']:.3f}"
 
 
+def _at_threshold(agg: dict) -> str:
+    a, n = agg.get("sens_at_threshold"), agg.get("fpr_at_threshold")
+    return "—" if a is None or n is None else f"{100 * a['mean']:.0f} / {100 * n['mean']:.0f} %"
+
+
 def _at_size(lat: dict) -> str:
     at = lat.get("at_size")
     return f" ({at['size']}²: {at.get('ms_1t', '?')} / {at.get('ms_2t', '?')})" if at else ""
@@ -229,13 +244,13 @@ def _at_size(lat: dict) -> str:
 
 def table(results: dict) -> str:
     lines = ["| dataset | family | image AUROC | image AP | clip AUROC | pixel AUROC | AUPRO | Dice | peak hit | "
-             "brightness AUROC | ms/frame 256² (ORT 1t / 2t) | params |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "brightness AUROC | at the threshold: abnormal / normal over | ms/frame 256² (ORT 1t / 2t) | params |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.get("summary", {}).items():
         lat = results["latency"].get(r["family"], results["latency"].get(r["family"].split("+")[0], {}))
         lines.append(f"| {r['dataset_label']} | {r['family']} | " + " | ".join(fmt(r['agg'][k]) for k in (
             "image_auroc", "image_ap", "clip_auroc", "pixel_auroc", "aupro", "dice", "peak_hit_rate",
-            "brightness_auroc")) + f" | {lat.get('ms_1t', '?')} / {lat.get('ms_2t', '?')}{_at_size(lat)} | "
+            "brightness_auroc")) + f" | {_at_threshold(r['agg'])} | {lat.get('ms_1t', '?')} / {lat.get('ms_2t', '?')}{_at_size(lat)} | "
             f"{lat.get('params', '?')} |")
     return "\n".join(lines)
 

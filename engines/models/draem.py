@@ -24,6 +24,8 @@ Frame context (optional, ``context``): a cell's logit otherwise sees only its re
 fat lobule looks like a mass whatever the rest of the scan shows.  With ``context`` the frame's mean bottleneck
 feature, through a 1x1 layer, is added to every bottleneck cell before decoding (a few thousand parameters per member,
 static shapes, exported in-graph).  Measured on BUSI in ``benchmarks/detectors.md`` (``draem+ens2ctx``).
+``context_pool="scan"`` takes that mean over the scan's cells only (the mask channel at 1/16): with the default
+(``"frame"``, every cell) the black background outside the fan, whose share differs from frame to frame, dilutes it.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ class SyntheticSegmenter(nn.Module):
     def __init__(self, size=(256, 256), in_channels: int = 2, widths=(16, 32, 48, 64), synth: str = "all",
                  topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5,
                  real_p: float = 0.0, aug: str = "flip", members: int = 1, tta_flip: bool = False,
-                 img_loss: float = 0.0, fine: bool = False, context: bool = False):
+                 img_loss: float = 0.0, fine: bool = False, context: bool = False, context_pool: str = "frame"):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.in_channels, self.widths, self.synth = int(in_channels), tuple(int(w) for w in widths), synth
@@ -64,6 +66,9 @@ class SyntheticSegmenter(nn.Module):
             raise ValueError(f"draem: img_loss must be >= 0, got {img_loss}")
         self.img_loss = float(img_loss)
         self.fine, self.context = bool(fine), bool(context)
+        if context_pool not in ("frame", "scan"):
+            raise ValueError(f"draem: context_pool must be 'frame' or 'scan', got {context_pool!r}")
+        self.context_pool = context_pool
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.factor = 2 if self.fine else 4  # fine: one more decoder stage, the map at 1/2 resolution
         self.map_hw = (self.size[0] // self.factor, self.size[1] // self.factor)
@@ -82,7 +87,8 @@ class SyntheticSegmenter(nn.Module):
         return dict(size=list(self.size), in_channels=self.in_channels, widths=list(self.widths), synth=self.synth,
                     topk_frac=self.topk_frac, score_erode=self.score_erode, seed=self.seed, lr=self.lr,
                     p_anomaly=self.p_anomaly, real_p=self.real_p, aug=self.aug, members=self.members,
-                    tta_flip=self.tta_flip, img_loss=self.img_loss, fine=self.fine, context=self.context)
+                    tta_flip=self.tta_flip, img_loss=self.img_loss, fine=self.fine, context=self.context,
+                    context_pool=self.context_pool)
 
     def set_lesion_bank(self, x: torch.Tensor, masks: torch.Tensor) -> None:
         """Real abnormal inputs ``[M,C,H,W]`` (preprocessed like the normal frames) and their lesion masks ``[M,1,H,W]``
@@ -128,9 +134,14 @@ class SyntheticSegmenter(nn.Module):
             tgt[i, 0] = torch.maximum(tgt[i, 0], torch.roll(les, (dy, dx), (0, 1)) * m_i)
         return xs, tgt
 
-    def logits(self, img):
-        """Member 0's logits at map resolution (1/4, or 1/2 with ``fine``)."""
-        return _unet_logits(self, img)
+    def _pool_mask(self, m):
+        """The cells the context averages over: the scan's (``context_pool="scan"``) or, by default, all of them."""
+        return mask_at(m, 16) if self.context and self.context_pool == "scan" else None
+
+    def logits(self, img, m=None):
+        """Member 0's logits at map resolution (1/4, or 1/2 with ``fine``); ``m``: the input-resolution scan mask
+        (used by ``context_pool="scan"``)."""
+        return _unet_logits(self, img, self._pool_mask(m) if m is not None else None)
 
     def member(self, i: int) -> nn.Module:
         return self if i == 0 else self.more[i - 1]
@@ -139,13 +150,14 @@ class SyntheticSegmenter(nn.Module):
         """Seed of member ``i``'s initialisation and of its training draws (member 0: the model's own seed)."""
         return self.seed + 1000 * i
 
-    def probability(self, img):
+    def probability(self, img, m=None):
         """The map: the members' sigmoid probabilities averaged (and over a left-right flip with ``tta_flip``)."""
-        views = [img, img.flip(-1)] if self.tta_flip else [img]
+        pm = self._pool_mask(m) if m is not None else None
+        views = [(img, pm), (img.flip(-1), None if pm is None else pm.flip(-1))] if self.tta_flip else [(img, pm)]
         acc = None
         for i in range(self.members):
-            for j, v in enumerate(views):
-                p = torch.sigmoid(_unet_logits(self.member(i), v))
+            for j, (v, vm) in enumerate(views):
+                p = torch.sigmoid(_unet_logits(self.member(i), v, vm))
                 p = p.flip(-1) if j else p
                 acc = p if acc is None else acc + p
         return acc * (1.0 / (self.members * len(views)))
@@ -153,7 +165,7 @@ class SyntheticSegmenter(nn.Module):
     def forward(self, x):
         img, m = split_input(x)
         mm = mask_at(m, self.factor)
-        amap = self.probability(img) * mm
+        amap = self.probability(img, m) * mm
         return amap, topk_score(amap, erode(mm, self.score_erode), self.k)
 
     def fit(self, batches, *, epochs: int = 12, progress: bool = True, max_seconds=None, **_) -> dict:
@@ -191,7 +203,7 @@ class SyntheticSegmenter(nn.Module):
             img, m = split_input(xs)
             mm = mask_at(m, self.factor)
             t = F.avg_pool2d(tgt, self.factor)
-            lg = _unet_logits(net, img)
+            lg = _unet_logits(net, img, self._pool_mask(m))
             bce = (F.binary_cross_entropy_with_logits(lg, t, reduction="none", pos_weight=torch.tensor(3.0)) * mm).sum() / mm.sum().clamp(min=1)
             p = torch.sigmoid(lg) * mm
             dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
@@ -247,13 +259,20 @@ def _unet_layers(net: nn.Module, widths, fine: bool = False, context: bool = Fal
         net.ctx = nn.Sequential(nn.Conv2d(w3, w3, 1), nn.ReLU(inplace=True))
 
 
-def _unet_logits(net, img):
+def _unet_logits(net, img, pool_mask=None):
+    """Logits at map resolution; ``pool_mask`` (0/1 at 1/16, optional): the cells the context's mean is taken over
+    (the scan's, so that the dark background outside the fan, whose share varies from frame to frame, does not dilute
+    it); ``None``: every cell."""
     a = net.e0(img)
     b = net.e1(a)
     c = net.e2(b)
     d = net.e3(c)
     if hasattr(net, "ctx"):  # context: the frame's mean feature, broadcast to every cell
-        d = d + net.ctx(d.mean((2, 3), keepdim=True))
+        if pool_mask is None:
+            mean = d.mean((2, 3), keepdim=True)
+        else:
+            mean = (d * pool_mask).sum((2, 3), keepdim=True) / pool_mask.sum((2, 3), keepdim=True).clamp(min=1.0)
+        d = d + net.ctx(mean)
     c = net.d2(torch.cat([F.interpolate(d, scale_factor=2.0, mode="nearest"), c], 1))
     b = net.d1(torch.cat([F.interpolate(c, scale_factor=2.0, mode="nearest"), b], 1))
     if hasattr(net, "d0"):  # fine: 1/2 resolution
