@@ -251,18 +251,19 @@ def _heat(frame: np.ndarray, amap: np.ndarray) -> np.ndarray:
 def failure_lines(abn: list[Item], nor: list[Item], n: int = 10) -> list[str]:
     """Markdown: the abnormal items that score under the image threshold (1.0) or under the highest normal one, and
     the normal items over the threshold, by name and score (``abn`` / ``nor`` sorted by score, highest first)."""
-    top_normal = max(max(it.scores) for it in nor) if nor else None
-    missed = [it for it in abn[::-1] if max(it.scores) <= 1.0 or (top_normal is not None and max(it.scores) <= top_normal)]
-    alarms = [it for it in nor if max(it.scores) > 1.0]
+    score = lambda it: max(it.scores)
+    top_normal = max(map(score, nor)) if nor else None
+    missed = [it for it in abn[::-1] if score(it) <= max(1.0, top_normal if top_normal is not None else 1.0)]
+    alarms = [it for it in nor if score(it) > 1.0]
     out = ["## Failures", "",
            f"Abnormal items under the image threshold (1.0) or under the highest normal score"
            f"{f' ({top_normal:.2f})' if top_normal is not None else ''}: {len(missed)} of {len(abn)}"
            f"{' — lowest first: ' if missed else ''}"
-           + ", ".join(f"`{it.path.name}` {max(it.scores):.2f}" for it in missed[:n])
+           + ", ".join(f"`{it.path.name}` {score(it):.2f}" for it in missed[:n])
            + (f", … ({len(missed) - n} more)" if len(missed) > n else "") + ".",
            "",
            f"Normal items over the image threshold: {len(alarms)} of {len(nor)}{' — highest first: ' if alarms else ''}"
-           + ", ".join(f"`{it.path.name}` {max(it.scores):.2f}" for it in alarms[:n])
+           + ", ".join(f"`{it.path.name}` {score(it):.2f}" for it in alarms[:n])
            + (f", … ({len(alarms) - n} more)" if len(alarms) > n else "") + "."]
     return out
 
@@ -276,9 +277,8 @@ def write_report(res: dict[str, Any], items: list[Item], out_dir: str | Path, n_
     nor = sorted([it for it in items if it.label == 0], key=lambda it: -max(it.scores))
     # the best-found lesions, then the failures an engineer must look at: the lowest-scoring abnormal items (missed
     # findings) and the highest-scoring normal ones (false alarms)
-    top = abn[: n_abnormal // 2]
-    low = [it for it in abn[::-1][: n_abnormal - n_abnormal // 2] if it not in top][::-1]
-    pick = top + low + nor[:n_normal]
+    n_top = min(n_abnormal // 2, len(abn))
+    pick = abn[:n_top] + abn[max(n_top, len(abn) - (n_abnormal - n_abnormal // 2)):] + nor[:n_normal]
     rows = []
     for it in pick:
         frame, amap, region = it.preview

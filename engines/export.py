@@ -582,10 +582,10 @@ def export(model_dir: str | Path, out_dir: str | Path | None = None, *, fp16: bo
         vs, r = _val()
         q = evaluate(ort_infer(p8), vs)
         span = card.map_normalisation.high - card.map_normalisation.low
-        vs = compare(r, q)
+        vs_fp32 = compare(r, q)
         gate = int8_gate(r, q, max_image_drop=max_image_drop, max_pixel_drop=max_pixel_drop, map_span=span,
-                         comparison=vs)
-        entry = {"file": p8.name if gate["accepted"] else None, "gate": gate, "vs_fp32": vs,
+                         comparison=vs_fp32)
+        entry = {"file": p8.name if gate["accepted"] else None, "gate": gate, "vs_fp32": vs_fp32,
                  "calibration": {"source": [Path(p).name for p in media_files(calib)], "frames": int(len(ctens)),
                                  "method": "minmax, QDQ, per-channel int8 weights, uint8 activations, Conv only, first and last Conv FP32"}}
         if gate["accepted"]:

@@ -222,7 +222,7 @@ def _metric(res: dict, k: str):
 def aggregate(runs: list[dict], variant: str) -> dict:
     out = {}
     for k in METRICS:
-        v = [_metric(r[variant], k) for r in runs if variant in r and _metric(r[variant], k) is not None]
+        v = [x for x in (_metric(r[variant], k) for r in runs if variant in r) if x is not None]
         out[k] = {"mean": round(float(np.mean(v)), 4), "sd": round(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 4),
                   "n": len(v)} if v else None
     return out

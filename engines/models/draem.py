@@ -135,13 +135,14 @@ class SyntheticSegmenter(nn.Module):
         return xs, tgt
 
     def _pool_mask(self, m):
-        """The cells the context averages over: the scan's (``context_pool="scan"``) or, by default, all of them."""
-        return mask_at(m, 16) if self.context and self.context_pool == "scan" else None
+        """The cells the context averages over: the scan's (``context_pool="scan"``, given the input-resolution mask
+        ``m``) or all of them (``None``)."""
+        return mask_at(m, 16) if m is not None and self.context and self.context_pool == "scan" else None
 
     def logits(self, img, m=None):
         """Member 0's logits at map resolution (1/4, or 1/2 with ``fine``); ``m``: the input-resolution scan mask
         (used by ``context_pool="scan"``)."""
-        return _unet_logits(self, img, self._pool_mask(m) if m is not None else None)
+        return _unet_logits(self, img, self._pool_mask(m))
 
     def member(self, i: int) -> nn.Module:
         return self if i == 0 else self.more[i - 1]
@@ -152,7 +153,7 @@ class SyntheticSegmenter(nn.Module):
 
     def probability(self, img, m=None):
         """The map: the members' sigmoid probabilities averaged (and over a left-right flip with ``tta_flip``)."""
-        pm = self._pool_mask(m) if m is not None else None
+        pm = self._pool_mask(m)
         views = [(img, pm), (img.flip(-1), None if pm is None else pm.flip(-1))] if self.tta_flip else [(img, pm)]
         acc = None
         for i in range(self.members):
@@ -243,8 +244,8 @@ class _UNet(nn.Module):
 
 def _unet_layers(net: nn.Module, widths, fine: bool = False, context: bool = False) -> None:
     """The U-Net's layers, set on ``net``: encoder to 1/16, decoder back to 1/4 (``fine``: to 1/2), a 1x1 logit head;
-    ``context``: the whole frame's mean bottleneck feature, through a 1x1 layer, added to every bottleneck cell (what
-    the rest of the scan looks like, for cells whose own neighbourhood is ambiguous)."""
+    ``context``: the frame's (or the scan's) mean bottleneck feature, through a 1x1 layer, added to every bottleneck
+    cell (what the rest of the scan looks like, for cells whose own neighbourhood is ambiguous)."""
     w0, w1, w2, w3 = widths
     net.e0 = nn.Sequential(_cbr(1, w0, 2), _cbr(w0, w0))          # 1/2
     net.e1 = nn.Sequential(_cbr(w0, w1, 2), _cbr(w1, w1))         # 1/4
