@@ -123,6 +123,65 @@ def test_synthesis_stays_inside_the_scan_and_is_deterministic(kind):
     assert (a[:, 0] * (1 - x[:, 1])).abs().sum() == 0
 
 
+@pytest.mark.parametrize("extra", [dict(iso_p=1.0), dict(surface_p=1.0), dict(iso_p=0.5, surface_p=0.5)])
+def test_harder_synthesis_stays_inside_the_scan_and_is_deterministic(extra):
+    x = torch.zeros(6, 2, 64, 64)
+    x[:, 0] = torch.randn(6, 64, 64)
+    x[:, 1, 4:, 8:56] = 1.0
+    a, ta = synthesize(x, torch.Generator().manual_seed(1), "breast", p=1.0, **extra)
+    b, tb = synthesize(x, torch.Generator().manual_seed(1), "breast", p=1.0, **extra)
+    assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert ta.sum() > 0
+    assert (ta[:, 0] * (1 - x[:, 1])).sum() == 0
+    assert (a[:, 0] * (1 - x[:, 1])).abs().sum() == 0
+    with pytest.raises(ValueError, match="iso_p"):
+        synthesize(x, torch.Generator().manual_seed(1), "breast", iso_p=1.5)
+
+
+def _speckle_batch(n=24, size=96, seed=0):
+    rng = np.random.default_rng(seed)
+    x = torch.zeros(n, 2, size, size)
+    x[:, 1, 10:, 6:-6] = 1.0  # the scan starts 10 rows down (its top is the skin line)
+    x[:, 0] = torch.tensor(rng.standard_normal((n, size, size)), dtype=torch.float32) * x[:, 1]
+    return x
+
+
+def test_isoechoic_masses_sit_near_the_frames_level_and_are_larger():
+    """The plain masses are clearly darker or brighter than the frame (|level| >= 0.8 sd), which is what a model
+    trained on them learns to find; ``iso_p`` masses keep about the frame's level and are larger."""
+    x = _speckle_batch()
+
+    def stats(**kw):
+        a, t = synthesize(x, torch.Generator().manual_seed(3), "breast", p=1.0, max_items=1, **kw)
+        lv, area = [], []
+        for i in range(len(x)):
+            les = t[i, 0] > 0.5
+            if les.sum() > 0:
+                lv.append(abs(float(a[i, 0][les].mean()) - float(x[i, 0][x[i, 1] > 0.5].mean())))
+                area.append(float(les.sum()))
+        return np.median(lv), np.median(area)
+
+    plain_level, plain_area = stats()
+    iso_level, iso_area = stats(iso_p=1.0)
+    assert plain_level > 0.7 and iso_level < 0.6
+    assert iso_area > 1.5 * plain_area
+
+
+def test_surface_masses_lie_just_under_the_top_of_the_scan():
+    x = _speckle_batch()
+    _, t = synthesize(x, torch.Generator().manual_seed(4), "breast", p=1.0, max_items=1, surface_p=1.0)
+    _, t0 = synthesize(x, torch.Generator().manual_seed(4), "breast", p=1.0, max_items=1)
+    size, top = x.shape[-1], 10
+
+    def depth(t):  # each lesion's centroid row below the top of the scan, as a share of the scan's depth
+        ys = [float(torch.nonzero(t[i, 0] > 0.5)[:, 0].float().mean()) for i in range(len(t)) if t[i, 0].sum() > 0]
+        return (np.array(ys) - top) / (size - top)
+
+    d, d0 = depth(t), depth(t0)
+    assert len(d) >= len(t) // 2 and np.all(d < 0.3) and np.median(d) < 0.2
+    assert np.median(d0) > 0.3  # the plain draw lands anywhere in the scan
+
+
 def test_patch_gaussian_fp16_halves_memory():
     a = build("patch_gaussian", size=[64, 64], dim=16, bands=2, widths=[8, 8, 8, 8])
     b = build("patch_gaussian", size=[64, 64], dim=16, bands=2, widths=[8, 8, 8, 8], cov_fp16=True)
@@ -468,3 +527,13 @@ def test_bench_table_reports_the_operating_point():
     bare = aggregate([{"as_is": {"image_auroc": 0.9}}], "as_is")
     assert bare["sens_at_threshold"] is None
     assert "| — |" in table({"summary": {"k": {**row, "agg": bare}}, "latency": {}})
+
+
+def test_draem_harder_synthesis_options_are_checked_and_kept_in_the_config():
+    with pytest.raises(ValueError, match="synth_iso"):
+        build("draem", size=[32, 32], synth_iso=1.5)
+    with pytest.raises(ValueError, match="synth_surface"):
+        build("draem", size=[32, 32], synth_surface=-0.1)
+    cfg = build("draem", size=[32, 32], synth_iso=0.3, synth_surface=0.15).config()
+    assert cfg["synth_iso"] == 0.3 and cfg["synth_surface"] == 0.15
+    assert build("draem", **cfg).config() == cfg

@@ -26,6 +26,10 @@ feature, through a 1x1 layer, is added to every bottleneck cell before decoding 
 static shapes, exported in-graph).  Measured on BUSI in ``benchmarks/detectors.md`` (``draem+ens2ctx``).
 ``context_pool="scan"`` takes that mean over the scan's cells only (the mask channel at 1/16): with the default
 (``"frame"``, every cell) the black background outside the fan, whose share differs from frame to frame, dilutes it.
+
+Harder synthesis (optional, ``synth_iso`` / ``synth_surface``: shares of the synthetic masses): isoechoic,
+heterogeneous, large masses set off only by texture and a rim or halo, and small masses just under the skin line —
+the two kinds of BUSI lesion the plain synthesis misses (see :mod:`.synth`).
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ class SyntheticSegmenter(nn.Module):
     def __init__(self, size=(256, 256), in_channels: int = 2, widths=(16, 32, 48, 64), synth: str = "all",
                  topk_frac: float = 0.01, score_erode: int = 2, seed: int = 0, lr: float = 2e-3, p_anomaly: float = 0.5,
                  real_p: float = 0.0, aug: str = "flip", members: int = 1, tta_flip: bool = False,
-                 img_loss: float = 0.0, fine: bool = False, context: bool = False, context_pool: str = "frame"):
+                 img_loss: float = 0.0, fine: bool = False, context: bool = False, context_pool: str = "frame",
+                 synth_iso: float = 0.0, synth_surface: float = 0.0):
         super().__init__()
         self.size = (int(size[0]), int(size[1]))
         self.in_channels, self.widths, self.synth = int(in_channels), tuple(int(w) for w in widths), synth
@@ -69,6 +74,9 @@ class SyntheticSegmenter(nn.Module):
         if context_pool not in ("frame", "scan"):
             raise ValueError(f"draem: context_pool must be 'frame' or 'scan', got {context_pool!r}")
         self.context_pool = context_pool
+        if not (0.0 <= float(synth_iso) <= 1.0 and 0.0 <= float(synth_surface) <= 1.0):
+            raise ValueError(f"draem: synth_iso and synth_surface must lie in [0, 1], got {synth_iso}, {synth_surface}")
+        self.synth_iso, self.synth_surface = float(synth_iso), float(synth_surface)
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.factor = 2 if self.fine else 4  # fine: one more decoder stage, the map at 1/2 resolution
         self.map_hw = (self.size[0] // self.factor, self.size[1] // self.factor)
@@ -88,7 +96,7 @@ class SyntheticSegmenter(nn.Module):
                     topk_frac=self.topk_frac, score_erode=self.score_erode, seed=self.seed, lr=self.lr,
                     p_anomaly=self.p_anomaly, real_p=self.real_p, aug=self.aug, members=self.members,
                     tta_flip=self.tta_flip, img_loss=self.img_loss, fine=self.fine, context=self.context,
-                    context_pool=self.context_pool)
+                    context_pool=self.context_pool, synth_iso=self.synth_iso, synth_surface=self.synth_surface)
 
     def set_lesion_bank(self, x: torch.Tensor, masks: torch.Tensor) -> None:
         """Real abnormal inputs ``[M,C,H,W]`` (preprocessed like the normal frames) and their lesion masks ``[M,1,H,W]``
@@ -198,7 +206,8 @@ class SyntheticSegmenter(nn.Module):
             x = flip_aug(x, g)
             if self.aug == "photo":
                 x, _ = photo_aug(x, g)
-            xs, tgt = synthesize(x, g, self.synth, p=self.p_anomaly)
+            xs, tgt = synthesize(x, g, self.synth, p=self.p_anomaly, iso_p=self.synth_iso,
+                                 surface_p=self.synth_surface)
             if self._bank is not None and self.real_p > 0:
                 xs, tgt = self._real_mix(xs, tgt, g)
             img, m = split_input(xs)
