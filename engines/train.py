@@ -935,11 +935,23 @@ def _default_notes(card: ModelCard, organ: str, fam: str) -> list[str]:
                      "value also depends on the rest of the scan; the heat on a finding can shift a little when the "
                      "rest of the frame changes (probe moved, depth or gain changed) although the finding did not.")
     if fam == "draem":
+        harder = (float(card.family_config.get("synth_iso", 0) or 0) > 0
+                  or float(card.family_config.get("synth_surface", 0) or 0) > 0)
         notes.append("The map is the probability of a synthetic-style lesion: it localises dark, well-defined masses "
                      "best and misses large isoechoic or heterogeneous masses and small lesions at the skin line "
-                     "(benchmarks/detectors.md, failure analysis); the threshold is floored at probability 0.5 "
+                     + ("(benchmarks/detectors.md, failure analysis; its synthetic lesions include such masses, "
+                        f"shares synth_iso {card.family_config.get('synth_iso', 0)} / synth_surface "
+                        f"{card.family_config.get('synth_surface', 0)}; the benchmark says how much they help); " if harder else "(benchmarks/detectors.md, failure analysis); ")
+                     + "the threshold is floored at probability 0.5 "
                      "(held-out normal maps rarely reach it), so it flags few normal frames and misses many findings: "
                      "read a cold map as \"no dark mass found\", not as \"normal\".")
+    for label, a in card.metrics.get("benchmark", {}).get("rows", {}).items():
+        sens, fpr = a.get("sens_at_threshold"), a.get("fpr_at_threshold")
+        if sens and fpr:
+            notes.append(f"At its threshold, on the benchmark ({label}, {sens['n']} splits, `benchmarks/detectors.md`, "
+                         f"column *at the threshold*), the recipe flagged {sens['mean']:.0%} of the abnormal test "
+                         f"{'images' if organ == 'breast' else 'frames'} and {fpr['mean']:.0%} of the normal ones.")
+    if fam == "draem":
         if float(card.family_config.get("real_p", 0) or 0) > 0:
             notes.append("Besides synthetic lesions it learned from the lesion masks of the BUSI abnormal images it was "
                          "given (as they are, and pasted onto normal frames): it is no longer trained on normal data "

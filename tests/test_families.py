@@ -537,3 +537,26 @@ def test_draem_harder_synthesis_options_are_checked_and_kept_in_the_config():
     cfg = build("draem", size=[32, 32], synth_iso=0.3, synth_surface=0.15).config()
     assert cfg["synth_iso"] == 0.3 and cfg["synth_surface"] == 0.15
     assert build("draem", **cfg).config() == cfg
+
+
+def test_model_card_notes_give_the_operating_point_and_the_synthesis():
+    """The generated limitations of a default's README state the benchmark's operating point (abnormal / normal
+    share over the threshold) from the card's stored benchmark rows, and say when the synthesis had hard masses."""
+    import copy
+    from pathlib import Path
+
+    from sonomaly.engines.card import ModelCard
+    from sonomaly.engines.train import _default_notes
+
+    card = ModelCard.load(Path(__file__).resolve().parents[1] / "models" / "breast")
+    card.metrics["benchmark"] = {"rows": {"BUSI breast images": {
+        "sens_at_threshold": {"mean": 0.4, "sd": 0.1, "n": 3}, "fpr_at_threshold": {"mean": 0.05, "sd": 0.0, "n": 3}}}}
+    card.family_config = {**card.family_config, "synth_iso": 0.3, "synth_surface": 0.0}
+    notes = _default_notes(card, "breast", "draem")
+    assert any("flagged 40% of the abnormal test images and 5% of the normal" in n for n in notes)
+    assert any("synth_iso 0.3" in n for n in notes)
+    plain = copy.deepcopy(card)
+    plain.metrics["benchmark"] = {"rows": {"BUSI breast images": {}}}
+    plain.family_config = {**card.family_config, "synth_iso": 0.0, "synth_surface": 0.0}
+    notes = _default_notes(plain, "breast", "draem")
+    assert not any("flagged" in n for n in notes) and not any("synth_iso" in n for n in notes)
