@@ -9,8 +9,8 @@ segmenter (``draem``) and the weakly supervised classifier when it has no real a
 * for lung (``kind="lung"``/``"all"``): B-line-like vertical bright bands from a pleura-like depth to the bottom of the scan,
   and subpleural hypoechoic consolidations (irregular masses near the top);
 * optional (``iso_p`` > 0): a share of the masses isoechoic and heterogeneous instead: about the surrounding level, large
-  (up to a third of the frame), with coarse blotchy inner structure, coarser speckle and, often, only a thin echogenic
-  rim or a dark halo to set them off.  The plain masses above are all clearly darker or brighter than their
+  (radius 0.1–0.3 of the frame's height), with coarse blotchy inner structure, speckle at nearly full contrast and,
+  often, only a thin echogenic rim or a dark halo to set them off.  The plain masses above are all clearly darker or brighter than their
   surroundings, which is what a model trained on them finds (``benchmarks/detectors.md``: BUSI's missed findings are
   large isoechoic / heterogeneous masses);
 * optional (``surface_p`` > 0): a share of the masses placed just under the top of the scan (the skin line in breast),
