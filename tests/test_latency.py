@@ -201,6 +201,47 @@ def test_load_sessions_receive_the_stream_beside_the_measured_viewer(serve, demo
     assert latency.get_json(server.url + "/health")["viewers"] == 0  # the sessions closed with the run
 
 
+@pytest.mark.browser
+def test_chromium_viewers_in_one_page(serve, browser, demo_clip, lung_model):
+    """--chromium-layout page: three viewers as <video> elements of one page, each its own peer connection and
+    decoder, each timed on its own; the run says how its viewers lived."""
+    server = serve("--source", f"stamp:{demo_clip}?fps=30", "--model", str(lung_model), "--loop")
+    r = latency.measure(server.url, "sonomaly", viewer="chromium", viewers=3, seconds=4, warmup=1.5,
+                        browser=browser, quiet=True, layout="page")
+    _check_run(r)
+    assert r["chromium_layout"] == "page" and len(r["per_viewer"]) == 3
+    for v in r["per_viewer"]:
+        rx = v["receiver"]
+        assert rx["layout"] == "page" and rx["reader"] == "videoframe"
+        assert v["glass_to_glass_ms"]["n"] >= 0.5 * 30 * 4  # every viewer saw the stream, not one of them
+        assert rx["framesDecoded"] >= 0.5 * 30 * 4 and rx["decode_ms_avg"] > 0  # its own decoder
+    assert r["reader_cross_check"]["frames"] >= 9 and r["reader_cross_check"]["disagreed"] == 0
+    assert "examples" not in r["per_viewer"][0]["receiver"]["reader_cross_check"]
+    tc = r["to_compositor_ms"]  # capture -> presentationTime, within glass to glass
+    assert tc["n"] >= 0.9 * r["glass_to_glass_ms"]["n"] and 0 < tc["p50"] <= r["glass_to_glass_ms"]["p50"]
+    assert "one page" in latency.markdown({"runs": [r]})
+    with pytest.raises(ValueError, match="layout"):
+        latency.collect_chromium(server.url, 1, 1, 0, Window(), browser=browser, layout="tabs")
+
+
+def test_one_page_runs_are_compared_only_with_one_page_runs():
+    def run(n, p99, layout=None, to_comp=None):
+        return {"server": "sonomaly", "viewer": "chromium", "viewers": n, "seconds": 30.0, "label": "sonomaly",
+                "health": {"model": "lung"}, "reader": "videoframe", "glass_to_glass_ms": {"n": 100, "p50": 10.0,
+                                                                                          "p99": p99},
+                **({"chromium_layout": layout} if layout else {}),
+                **({"to_compositor_ms": {"n": 100, "p99": to_comp}} if to_comp else {})}
+
+    # runs saved before the field existed had a context each: they pair with "contexts" runs
+    c = latency.merge_reports([{"runs": [run(1, 50.0), run(8, 150.0, "contexts")]},
+                               {"runs": [run(1, 40.0, "page", 20.0), run(8, 44.0, "page", 30.0)]}])["comparisons"]
+    assert c["sonomaly_8_over_1_viewer_p99"] == 3.0
+    assert c["chromium_30s_videoframe_onepage_sonomaly_8_over_1_viewer_p99"] == 1.1
+    # beside it the same ratio up to the compositor (no refresh wait), where both runs have it
+    assert c["chromium_30s_videoframe_onepage_sonomaly_8_over_1_viewer_to_compositor_p99"] == 1.5
+    assert "sonomaly_8_over_1_viewer_to_compositor_p99" not in c
+
+
 def test_load_runs_are_compared_with_the_plain_one_viewer_run():
     def run(server, n, p99, load=0):
         return {"server": server, "viewer": "chromium", "viewers": n, "seconds": 30.0, "label": server,

@@ -60,6 +60,7 @@ CHROMIUM_ARGS = [
     "--disable-backgrounding-occluded-windows",
 ]
 HARNESS_PATH = "/__sonomaly_latency__"
+CHROMIUM_LAYOUTS = ("contexts", "page")
 SERIAL_STAGES = {
     # stages on the path of the frame from capture to the encoder, in order
     "sonomaly": ("grab", "ai_wait", "overlay"),
@@ -335,17 +336,18 @@ class ViewerData:
 
 HARNESS_PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>sonomaly latency viewer</title></head>
-<body style="margin:0;background:#000">
+<body style="margin:0;background:#000;display:flex;flex-wrap:wrap;align-items:flex-start">
 <video id="v" autoplay muted playsinline></video>
 <script>
 "use strict";
 const S = %(decoder)s;
-window.harness = (() => {
-  const video = document.getElementById("v");
+// One viewer: a <video>, its RTCPeerConnection and what it saw. A page holds one (layout "contexts": a browser
+// context a viewer) or several (layout "page": window.addViewer() adds one more to this page).
+function makeHarness(video) {
   const canvas = document.createElement("canvas");
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
   const h = { state: "new", samples: [], unreadable: [], damaged: [], callbacks: 0, error: null,
-              reader: null, cross: [0, 0] };
+              reader: null, cross: [0, 0], crossBad: [] };
   // How the code is read. "videoframe": copy only the code's box of the luma plane out of a WebCodecs VideoFrame of
   // the shown frame (no colour conversion of the whole picture); "canvas": draw the box onto a 2D canvas and read
   // its RGBA pixels (the frame is converted to RGB first: ~1.6 ms a frame on a 2-core VM, ~5 %% of a core a viewer).
@@ -358,11 +360,11 @@ window.harness = (() => {
     else h.samples.push([id, shown, md.receiveTime === undefined ? -1 : md.receiveTime, md.presentationTime,
                          md.presentedFrames]);
   }
-  function readCanvas(lay) {
+  function readCanvas(lay, src) {
     if (canvas.width !== lay.width || canvas.height !== lay.height) {
       canvas.width = lay.width; canvas.height = lay.height;
     }
-    ctx.drawImage(video, lay.x0, lay.y0, lay.width, lay.height, 0, 0, lay.width, lay.height);
+    ctx.drawImage(src || video, lay.x0, lay.y0, lay.width, lay.height, 0, 0, lay.width, lay.height);
     const id = S.decode(ctx.getImageData(0, 0, lay.width, lay.height).data, lay.width, lay, lay.x0, lay.y0);
     return [id, S.lastReason];
   }
@@ -373,10 +375,15 @@ window.harness = (() => {
     const rect = { x: lay.x0, y: lay.y0, width: lay.width, height: lay.height };
     const buf = new Uint8Array(vf.allocationSize({ rect }));
     const full = !!(vf.colorSpace && vf.colorSpace.fullRange);
-    const check = h.callbacks %% CROSS_EVERY === 0 ? readCanvas(lay) : null;
+    // the canvas reads the same VideoFrame (not the <video>, which may already hold the next frame when the
+    // renderer is behind): a disagreement is then a misread, never a race between the two reads
+    const check = h.callbacks %% CROSS_EVERY === 0 ? readCanvas(lay, vf) : null;
     vf.copyTo(buf, { rect }).then(() => {  // the Y plane comes first, lay.width bytes a row
       const id = S.decode(buf, lay.width, lay, lay.x0, lay.y0, { full });
-      if (check) { h.cross[0]++; if (check[0] !== id) h.cross[1]++; }
+      if (check) {
+        h.cross[0]++;
+        if (check[0] !== id) { h.cross[1]++; if (h.crossBad.length < 5) h.crossBad.push([id, check[0]]); }
+      }
       record(id, S.lastReason, shown, md);
     }, e => { h.error = String(e); }).finally(() => vf.close());
     return true;
@@ -428,8 +435,9 @@ window.harness = (() => {
   };
   h.take = () => { const out = { samples: h.samples, unreadable: h.unreadable, damaged: h.damaged,
                                  callbacks: h.callbacks, error: h.error, state: h.state, reader: h.reader,
-                                 cross: h.cross };
-                   h.samples = []; h.unreadable = []; h.damaged = []; h.cross = [0, 0]; return out; };
+                                 cross: h.cross, crossBad: h.crossBad };
+                   h.samples = []; h.unreadable = []; h.damaged = []; h.cross = [0, 0]; h.crossBad = [];
+                   return out; };
   // Date.now() − (timeOrigin + performance.now()), read right at Date.now() millisecond edges (median of n).
   h.calibrate = (n) => {
     const d = [];
@@ -462,7 +470,16 @@ window.harness = (() => {
     return out;
   };
   return h;
-})();
+}
+window.hs = [makeHarness(document.getElementById("v"))];
+window.harness = window.hs[0];
+window.addViewer = () => {
+  const v = document.createElement("video");
+  v.autoplay = true; v.muted = true; v.playsInline = true;
+  document.body.appendChild(v);
+  window.hs.push(makeHarness(v));
+  return window.hs.length - 1;
+};
 </script></body></html>
 """ % {"decoder": stamp.JS_DECODER}
 
@@ -528,13 +545,19 @@ def _progress(msg: str, quiet: bool) -> None:
 
 def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
                      quiet: bool = False, connect_timeout: float = 40.0, browser=None,
-                     reader: str = "videoframe") -> list[ViewerData]:
+                     reader: str = "videoframe", layout: str = "contexts") -> list[ViewerData]:
     """Open ``n`` headless Chromium viewers on ``url``; collect ``seconds`` after ``warmup``.
 
     ``browser``: a Playwright ``Browser`` to use (its own contexts are opened and closed here); default: launch
-    Debian's Chromium with :data:`CHROMIUM_ARGS`."""
+    Debian's Chromium with :data:`CHROMIUM_ARGS`. ``layout``: "contexts" (default), each viewer in a browser context
+    and page of its own (its own renderer process, as separate displays would be); "page", all ``n`` viewers as
+    ``<video>`` elements of one page (each its own RTCPeerConnection and decoder; one renderer and compositor for
+    all: a lighter instrument on a machine that also runs the server)."""
+    if layout not in CHROMIUM_LAYOUTS:
+        raise ValueError(f"unknown Chromium layout {layout!r} (one of {', '.join(CHROMIUM_LAYOUTS)})")
     if browser is not None:
-        return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader)
+        return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader,
+                                 layout)
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -542,42 +565,53 @@ def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Wi
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader)
+            return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader,
+                                     layout)
         finally:
             browser.close()
 
 
+def _open_page(browser, url: str, width: int, height: int, contexts: list):
+    ctx = browser.new_context(viewport={"width": width, "height": height})
+    contexts.append(ctx)
+    page = ctx.new_page()
+    page.route(url + HARNESS_PATH, lambda route: route.fulfill(status=200, content_type="text/html",
+                                                              body=HARNESS_PAGE))
+    page.goto(url + HARNESS_PATH)
+    return page
+
+
 def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout,
-                      reader) -> list[ViewerData]:
+                      reader, layout) -> list[ViewerData]:
     url = url.rstrip("/")
     viewers = [ViewerData("chromium", i) for i in range(n)]
-    contexts = []
+    contexts: list = []
     try:
-        pages = []
+        handles = []  # (page, the viewer's harness object in it)
+        shared = None
+        if layout == "page":  # a grid of 640 × 520 cells, every <video> on screen (off-screen ones are not painted)
+            cols = min(n, 4)
+            shared = _open_page(browser, url, 640 * cols, 520 * -(-n // cols), contexts)
         for i in range(n):
-            ctx = browser.new_context(viewport={"width": 640, "height": 520})
-            contexts.append(ctx)
-            page = ctx.new_page()
-            page.route(url + HARNESS_PATH, lambda route: route.fulfill(status=200, content_type="text/html",
-                                                                      body=HARNESS_PAGE))
-            page.goto(url + HARNESS_PATH)
-            page.evaluate("([codec, reader]) => window.harness.start(codec, reader)", [codec, reader])
-            pages.append(page)
+            page = shared or _open_page(browser, url, 640, 520, contexts)
+            ref = f"window.hs[{page.evaluate('window.addViewer()') if shared and i else 0}]"
+            page.evaluate(f"([codec, reader]) => {ref}.start(codec, reader)", [codec, reader])
+            handles.append((page, ref))
         deadline = time.monotonic() + connect_timeout
-        while any(page.evaluate("window.harness.samples.length") == 0 for page in pages):
+        while any(page.evaluate(f"{ref}.samples.length") == 0 for page, ref in handles):
             if time.monotonic() > deadline:
-                states = [page.evaluate("[window.harness.state, window.harness.error]") for page in pages]
+                states = [page.evaluate(f"[{ref}.state, {ref}.error]") for page, ref in handles]
                 raise RuntimeError(f"Chromium viewers show no decodable frames after {connect_timeout:.0f} s "
                                    f"(state, error per viewer: {states})")
             time.sleep(0.2)
         _progress(f"  {n} Chromium viewer(s) showing frames; warm-up {warmup:g} s", quiet)
         time.sleep(warmup)
-        cal0 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
-        st0 = [page.evaluate("window.harness.stats()") for page in pages]
-        for page in pages:
-            page.evaluate("window.harness.take()")  # drop the warm-up
+        cal0 = [page.evaluate(f"{ref}.calibrate(15)") for page, ref in handles]
+        st0 = [page.evaluate(f"{ref}.stats()") for page, ref in handles]
+        for page, ref in handles:
+            page.evaluate(f"{ref}.take()")  # drop the warm-up
         window.begin()
-        raw: list[list[dict]] = [[] for _ in pages]
+        raw: list[list[dict]] = [[] for _ in handles]
         end = time.monotonic() + seconds
         last_report = time.monotonic()
         while True:
@@ -585,21 +619,22 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
             if left <= 0:
                 break
             time.sleep(min(left, 5.0))
-            for i, page in enumerate(pages):
-                raw[i].append(page.evaluate("window.harness.take()"))
+            for i, (page, ref) in enumerate(handles):
+                raw[i].append(page.evaluate(f"{ref}.take()"))
             if time.monotonic() - last_report >= 60 and not quiet:
                 last_report = time.monotonic()
                 _progress(f"  ... {seconds - max(0.0, end - time.monotonic()):.0f} / {seconds:g} s", quiet)
         window.end()
-        st1 = [page.evaluate("window.harness.stats()") for page in pages]
-        cal1 = [page.evaluate("window.harness.calibrate(15)") for page in pages]
-        for i, page in enumerate(pages):
-            raw[i].append(page.evaluate("window.harness.take()"))
+        st1 = [page.evaluate(f"{ref}.stats()") for page, ref in handles]
+        cal1 = [page.evaluate(f"{ref}.calibrate(15)") for page, ref in handles]
+        for i, (page, ref) in enumerate(handles):
+            raw[i].append(page.evaluate(f"{ref}.take()"))
             v = viewers[i]
             origin = cal0[i]["timeOrigin"]
             off_ms = (cal0[i]["offset"] + cal1[i]["offset"]) / 2.0
             v.stats = _stats_delta(st0[i], st1[i])
             v.stats["browser"] = f"{browser.browser_type.name} {browser.version}"
+            v.stats["layout"] = layout
             v.stats["clock_calibration_ms"] = {"offset_start": round(cal0[i]["offset"], 4),
                                                "offset_end": round(cal1[i]["offset"], 4),
                                                "spread": round(max(cal0[i]["spread"], cal1[i]["spread"]), 4)}
@@ -608,10 +643,12 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
                 return int(round((origin + t_ms + off_ms) * 1e6))
 
             cross = [0, 0]
+            bad: list = []  # (VideoFrame read, canvas read) of the first frames read differently
             for chunk in raw[i]:
                 if chunk.get("reader"):
                     v.stats["reader"] = chunk["reader"]
                 cross = [cross[0] + chunk["cross"][0], cross[1] + chunk["cross"][1]]
+                bad.extend(chunk.get("crossBad", []))
                 for code, shown, received, presented, count in chunk["samples"]:
                     v.samples.append((int(code), unix_ns(shown), unix_ns(received) if received >= 0 else -1,
                                       unix_ns(presented) if presented and presented > 0 else -1, int(count)))
@@ -620,7 +657,8 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
                 if chunk.get("error"):
                     v.error = chunk["error"]
             if v.stats.get("reader") == "videoframe":  # frames also read through a canvas, and how many disagreed
-                v.stats["reader_cross_check"] = {"frames": cross[0], "disagreed": cross[1]}
+                v.stats["reader_cross_check"] = {"frames": cross[0], "disagreed": cross[1],
+                                                 **({"examples": bad[:5]} if bad else {})}
             v.bracket = _bracket(page, origin + off_ms)
     finally:
         for ctx in contexts:
@@ -1007,6 +1045,9 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
         totals["damaged_code"] += damaged
         totals["unmatched"] += unmatched
     overall = summarise(pooled_g2g)
+    # capture -> the browser's presentationTime: glass to glass without the wait for the display's next refresh, whose
+    # phase against the 30 fps source moves a 1-viewer p99 by up to a refresh period from run to run
+    to_comp = [p[4] for p in parts if math.isfinite(p[4])]
     fps = [e["received_fps"] for e in per_viewer if e["received_fps"] is not None]
     result: dict[str, Any] = {
         "server": server,
@@ -1035,6 +1076,8 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
         "pass": bool(overall.get("n")) and overall["p99"] <= budget_ms,
         "per_viewer": per_viewer,
     }
+    if to_comp:
+        result["to_compositor_ms"] = summarise(to_comp)
     receivers = [e["receiver"] for e in per_viewer if "receiver" in e]
     for key in ("jitter_buffer_ms_avg", "decode_ms_avg", "processing_delay_ms_avg"):
         vals = [r[key] for r in receivers if r.get(key) is not None]
@@ -1111,7 +1154,7 @@ def drift_summary(windows: list[dict[str, Any]], ws: float) -> dict[str, Any] | 
 def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1, seconds: float = 10.0,
             warmup: float = 3.0, codec: str | None = None, budget_ms: float = 200.0, window_s: float | None = None,
             quiet: bool = False, browser=None, server_pid: int | None = None,
-            reader: str = "videoframe", load_viewers: int = 0) -> dict[str, Any]:
+            reader: str = "videoframe", load_viewers: int = 0, layout: str = "contexts") -> dict[str, Any]:
     """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run.
 
     ``server`` names the kind of server ("sonomaly" or "naive": which stages are on the frame's path); ``browser``
@@ -1120,7 +1163,8 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
     the frame-id code ("videoframe": the luma of the code's box from a WebCodecs VideoFrame, falling back to
     "canvas" where a frame cannot be read so; "canvas": RGBA pixels of a 2D canvas, the earlier way);
     ``load_viewers`` extra sessions that receive the stream without decoding it (:class:`LoadViewers`), connected
-    before the measured viewers and held until their window ends."""
+    before the measured viewers and held until their window ends; ``layout`` where the Chromium viewers live (a
+    browser context each, or all in one page: :func:`collect_chromium`)."""
     url = url.rstrip("/")
     health0 = get_json(url + "/health")
     poller = RecordPoller(url).start()
@@ -1132,7 +1176,7 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
         load.__enter__()
         if viewer == "chromium":
             data = collect_chromium(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet, browser=browser,
-                                    reader=reader)
+                                    reader=reader, layout=layout)
         elif viewer == "aiortc":
             data = collect_aiortc(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet)
         else:
@@ -1162,6 +1206,7 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
         checks = [v.stats["reader_cross_check"] for v in data if "reader_cross_check" in v.stats]
         if checks:
             result["reader_cross_check"] = {k: sum(c[k] for c in checks) for k in ("frames", "disagreed")}
+        result["chromium_layout"] = layout
     result["cpu"] = window.cpu
     result["codec"] = codec or "default (offer order)"
     result["health"] = {k: health1.get(k) for k in ("model", "backend", "frames_in", "frames_out", "frames_dropped",
@@ -1227,7 +1272,8 @@ def table(runs: list[dict]) -> str:
 
 def _comparison_group(r: dict) -> tuple:
     """Which runs may be compared with each other: the same receiver, run length (to 10 s), serve arguments, with or
-    without a model, and how Chromium read the code (``reader``: it sets the viewers' share of the CPU). A report
+    without a model, how Chromium read the code (``reader``: it sets the viewers' share of the CPU) and where its
+    viewers lived (``chromium_layout``: a context each, or one page for all; runs before the field: contexts). A report
     merged from several sessions (``--from-json``) holds runs of every kind; a naive run is paired with the Sonomaly
     run of its own command, never with an aiortc, no-model or 120-s run."""
     label = str(r.get("label") or r["server"])
@@ -1237,7 +1283,8 @@ def _comparison_group(r: dict) -> tuple:
     health = r.get("health")
     has_model = r["server"] == "naive" or not isinstance(health, dict) or health.get("model") is not None
     reader = r.get("reader") or ("canvas" if r["viewer"] == "chromium" else None)  # runs before `reader`: canvas
-    return r["viewer"], round(float(r.get("seconds") or 0) / 10), label, has_model, reader
+    layout = r.get("chromium_layout") or ("contexts" if r["viewer"] == "chromium" else None)
+    return r["viewer"], round(float(r.get("seconds") or 0) / 10), label, has_model, reader, layout
 
 
 def _load(r: dict) -> int:
@@ -1255,17 +1302,19 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
     ``N+Mload``, e.g. ``sonomaly_1+7load_over_1_viewer_p99``, and divided by the run with 1 viewer and no load).
     The first run's group has the plain names
     (``naive_over_sonomaly_1_viewers``); every other group's names start with what sets it apart
-    (e.g. ``aiortc_20s_``, ``chromium_30s_nomodel_``, ``chromium_30s_videoframe_``)."""
+    (e.g. ``aiortc_20s_``, ``chromium_30s_nomodel_``, ``chromium_30s_videoframe_``,
+    ``chromium_30s_videoframe_onepage_``)."""
     out: dict[str, Any] = {}
     groups: dict[tuple, dict[tuple, dict]] = {}
     for r in runs:
         if r["glass_to_glass_ms"].get("n"):
             groups.setdefault(_comparison_group(r), {}).setdefault((r["server"], r["viewers"], _load(r)), r)
     for i, (group, by) in enumerate(groups.items()):
-        viewer, tens, label, has_model, reader = group
+        viewer, tens, label, has_model, reader, layout = group
         prefix = "" if i == 0 else "_".join(
             [viewer, f"{tens * 10}s", *([] if has_model else ["nomodel"]),
              *([reader] if reader not in (None, "canvas") else []),
+             *(["onepage"] if layout == "page" else []),
              *([re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")] if label else [])]) + "_"
         for (server, n, m), r in sorted(by.items()):
             nm = f"{n}+{m}load" if m else f"{n}"  # measured viewers + load sessions
@@ -1277,6 +1326,9 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
             if (n > 1 or m) and (server, 1, 0) in by:
                 one = by[(server, 1, 0)]["glass_to_glass_ms"]
                 out[f"{prefix}{server}_{nm}_over_1_viewer_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["p99"], 3)
+                tc, tc1 = (x.get("to_compositor_ms") or {} for x in (r, by[(server, 1, 0)]))
+                if tc.get("p99") and tc1.get("p99"):  # the same without the display's refresh phase
+                    out[f"{prefix}{server}_{nm}_over_1_viewer_to_compositor_p99"] = round(tc["p99"] / tc1["p99"], 3)
     return out
 
 
@@ -1363,7 +1415,8 @@ def markdown(report: dict) -> str:
                              if any(x.get(k) is not None for x in rx) else None)
         p99s = ", ".join(_fmt(v["glass_to_glass_ms"].get("p99"), 0) for v in r["per_viewer"])
         cc = r.get("reader_cross_check")
-        read = (r.get("reader") or "canvas") + (f" ({cc['frames']}: {cc['disagreed']})" if cc else "")
+        read = (r.get("reader") or "canvas") + (f" ({cc['frames']}: {cc['disagreed']})" if cc else "") + (
+            ", one page" if r.get("chromium_layout") == "page" else "")
         out.append(f"| {_name(r)} | {_viewers_cell(r)} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
                    f"{rx[0].get('frameHeight')} | {mean('kbit_per_s')} | {mean('jitter_buffer_ms_avg')} | "
                    f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {read} | {p99s} |")
@@ -1501,6 +1554,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reader", choices=["videoframe", "canvas"], default="videoframe",
                    help="how Chromium viewers read the frame-id code: the luma of its box from a WebCodecs "
                         "VideoFrame (default; ~5 %% of a core less a viewer), or a 2D canvas's RGBA pixels")
+    p.add_argument("--chromium-layout", choices=list(CHROMIUM_LAYOUTS), default="contexts",
+                   help="contexts (default): each Chromium viewer in a browser context of its own (a renderer "
+                        "process each, as separate displays); page: all viewers as <video> elements of one page "
+                        "(a decoder each, one renderer and compositor: a lighter instrument beside the server)")
     p.add_argument("--load-viewers", type=int, default=0, metavar="M",
                    help="M more sessions during each run that receive the stream but do not decode it (aiortc, one "
                         "process): the server serves viewers + M while only the measured viewers decode and paint")
@@ -1582,7 +1639,8 @@ def run(args) -> int:
                               "config": {k: getattr(args, k) for k in ("url", "serve", "model", "fps", "viewer",
                                                                        "viewers", "seconds", "warmup", "codec",
                                                                        "budget_ms", "baseline", "serve_arg",
-                                                                       "window_s", "reader", "load_viewers")},
+                                                                       "window_s", "reader", "load_viewers",
+                                                                       "chromium_layout")},
                               "runs": []}
     servers = ["sonomaly"] + ([args.baseline] if args.baseline else [])
     source = stamped(args.serve, args.fps) if args.serve else None
@@ -1598,7 +1656,7 @@ def run(args) -> int:
                     run_ = measure(args.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                    warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
                                    window_s=args.window_s, quiet=args.quiet, reader=args.reader,
-                                   load_viewers=args.load_viewers)
+                                   load_viewers=args.load_viewers, layout=args.chromium_layout)
                 else:
                     extra = list(args.serve_arg) if server == "sonomaly" else []
                     if server == "sonomaly" and args.codec and "--codec" not in " ".join(extra):
@@ -1607,7 +1665,8 @@ def run(args) -> int:
                         run_ = measure(srv.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                        warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
                                        window_s=args.window_s, quiet=args.quiet, server_pid=srv.proc.pid,
-                                       reader=args.reader, load_viewers=args.load_viewers)
+                                       reader=args.reader, load_viewers=args.load_viewers,
+                                       layout=args.chromium_layout)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
                 print(f"sonomaly latency: {server} with {n} viewer(s) failed: {exc}", file=sys.stderr)
                 failed = True
