@@ -97,6 +97,23 @@ def test_bench_encoder_encodes_decodes_and_compares(tmp_path, lung_model, demo_c
     assert data["default_vp8_speed"] == 12 and data["size"] == [450, 450]
 
 
+def test_bench_encoder_compares_codecs_in_one_run(tmp_path, lung_model, demo_clip):
+    """``--codec vp8,h264`` encodes the same composed frames with both codecs in one run (H.264 has no speed): each
+    decodes every frame with a real encode's quality; an unknown codec is refused with the reason."""
+    out = tmp_path / "c.json"
+    base = [sys.executable, "-m", "sonomaly.tools", "bench", "encoder", "--frames", "12", "--speeds", "12",
+            "--bitrates", "2M", "--repeats", "1", "--model", str(lung_model), "--clip", str(demo_clip)]
+    r = subprocess.run(base + ["--codec", "vp8,h264", "--json", str(out)], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    rows = {(row["codec"], row["speed"]): row for row in json.loads(out.read_text())["results"]}
+    assert set(rows) == {("vp8", 12), ("h264", None)}
+    for row in rows.values():
+        assert row["decoded"] == row["frames"] == 12  # zerolatency / lag-in-frames 0: no frame held back
+        assert 20 < row["psnr_y_min"] <= row["psnr_y"] < 99 and 0 < row["ms_p50"] <= row["ms_p99"]
+    bad = subprocess.run(base + ["--codec", "vp9"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--codec takes vp8, h264" in bad.stderr
+
+
 def test_vp8_speed_is_checked():
     from sonomaly.stream.encoder import SharedEncoder, open_encoder
 

@@ -28,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=300, help="frames per setting (default 300: 10 s at 30 fps)")
     p.add_argument("--speeds", default="6,8,10,12,16", help="VP8 realtime speeds (libvpx cpu-used), comma-separated")
     p.add_argument("--bitrates", default="4M,1.5M", help="bitrates, comma-separated (e.g. 4M,1.5M)")
-    p.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="h264: speeds are ignored (x264 veryfast)")
+    p.add_argument("--codec", default="vp8",
+                   help="vp8, h264 or both (vp8,h264: compared in one run, in turn); h264 ignores the speeds "
+                        "(x264 veryfast, what serve uses)")
     p.add_argument("--repeats", type=int, default=3,
                    help="encode each setting this many times, in turn; times are the median over the passes "
                         "(default 3)")
@@ -131,27 +133,29 @@ def run(args) -> int:
     from sonomaly.stream.encoder import DEFAULT_VP8_SPEED, parse_bitrate
 
     try:
-        speeds = [int(v) for v in args.speeds.split(",")] if args.codec == "vp8" else [0]
+        codecs = list(dict.fromkeys(c.strip() for c in args.codec.split(",")))
+        speeds = [int(v) for v in args.speeds.split(",")]
         bitrates = [parse_bitrate(v) for v in args.bitrates.split(",")]
     except ValueError as e:
         raise SystemExit(f"bench encoder: {e}") from None
+    if any(c not in ("vp8", "h264") for c in codecs):
+        raise SystemExit(f"bench encoder: --codec takes vp8, h264 or vp8,h264 (got {args.codec!r})")
     if any(not 0 <= s <= 16 for s in speeds):
         raise SystemExit("bench encoder: speeds are 0..16")
+    settings = [(c, br, sp) for c in codecs for br in bitrates for sp in (speeds if c == "vp8" else [None])]
     frames = composed_frames(args.clip, args.model, args.frames)
-    passes: dict[tuple[int, int], list[dict]] = {}
+    passes: dict[tuple, list[dict]] = {}
     for _ in range(max(1, args.repeats)):  # settings in turn, so drift of a shared machine falls on all of them
-        for br in bitrates:
-            for sp in speeds:
-                passes.setdefault((br, sp), []).append(encode_pass(frames, args.codec, br, sp))
+        for c, br, sp in settings:
+            passes.setdefault((c, br, sp), []).append(encode_pass(frames, c, br, sp or 0))
     rows = []
-    for br in bitrates:
-        for sp in speeds:
-            runs = passes[(br, sp)]
-            row = dict(runs[0])  # the encoder is deterministic: bytes and PSNR are the same in every pass
-            for k in ("ms_p50", "ms_p99", "ms_mean"):
-                row[k] = float(np.median([r[k] for r in runs]))
-            row["ms_mean_passes"] = [r["ms_mean"] for r in runs]
-            rows.append(row)
+    for key in settings:
+        runs = passes[key]
+        row = dict(runs[0])  # the encoder is deterministic: bytes and PSNR are the same in every pass
+        for k in ("ms_p50", "ms_p99", "ms_mean"):
+            row[k] = float(np.median([r[k] for r in runs]))
+        row["ms_mean_passes"] = [r["ms_mean"] for r in runs]
+        rows.append(row)
     h, w = frames[0].shape[0] * 2 // 3, frames[0].shape[1]
     head = f"{'codec':>5} {'speed':>5} {'Mbit/s':>7} {'ms mean':>7} {'ms p50':>7} {'ms p99':>7} {'PSNR Y':>7} {'U':>6} {'V':>6} {'Y min':>6}"
     print(f"{Path(args.clip).name} composed ({'model ' + Path(args.model).name if args.model != 'none' else 'raw'}), "
