@@ -87,6 +87,29 @@ def test_analysis_of_known_data():
     assert len(r["windows"]) == 1 and "drift" not in r  # one window only
 
 
+def test_per_viewer_stages_tell_a_late_send_turn_from_a_slow_decoder():
+    """Each viewer gets its own medians of the stages after the server: one viewer whose packets arrive 6 ms later
+    (a late turn in the server's send) and one whose decode takes 6 ms longer show it in different stages."""
+    recs = _records(60)
+    viewers = []
+    for idx, (late_recv, slow_decode) in enumerate([(0, 0), (6, 0), (0, 6)]):
+        v = ViewerData("chromium", idx)
+        v.stats = {"codec": "video/VP8", "frameWidth": 450, "frameHeight": 450}
+        for i in range(60):
+            t_recv = T0 + i * PERIOD_NS + int((5 + 10 + late_recv) * 1e6)
+            t_pres = t_recv + int((3 + slow_decode) * 1e6)
+            v.samples.append((i, t_pres + 2_000_000, t_recv, t_pres, i + 1))
+        viewers.append(v)
+    w = Window()
+    w.t0_ns, w.t1_ns = T0, T0 + 60 * PERIOD_NS + 100_000_000
+    r = analyse("sonomaly", viewers, recs, w, budget_ms=200.0)
+    got = [(v["stages_ms"]["send_network"]["p50"], v["stages_ms"]["jitter_decode"]["p50"],
+            v["stages_ms"]["paint"]["p95"]) for v in r["per_viewer"]]
+    assert got == [pytest.approx((10.0, 3.0, 2.0)), pytest.approx((16.0, 3.0, 2.0)), pytest.approx((10.0, 9.0, 2.0))]
+    assert r["per_viewer"][1]["stages_ms"]["after_server"]["p50"] == pytest.approx(21.0)
+    assert "| 10.0, 16.0, 10.0 |" in latency.markdown({"runs": [r]})  # the receivers' table, a column
+
+
 def test_budget_and_causality():
     assert _synthetic(budget_ms=48.0)["pass"] is False  # p99 ≈ 49 ms
     recs = _records(10)

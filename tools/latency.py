@@ -94,6 +94,10 @@ def pct(values, q) -> float | None:
     return None if len(values) == 0 else float(np.percentile(values, q))
 
 
+AFTER_SERVER_STAGES = ("send_network", "jitter_decode", "paint", "jitter_decode_paint", "after_server")
+"""The stages after the server's composer, which differ by viewer (``per_viewer[].stages_ms``)."""
+
+
 def summarise(values_ms) -> dict[str, Any]:
     """p50/p95/p99/max (+ min, mean, p10, p90), tail = max − p95, flatness = p90 − p10, all in ms."""
     v = np.asarray(values_ms, float)
@@ -946,6 +950,7 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
     for v in viewers:
         seen: set[int] = set()
         g2g: list[float] = []
+        own_rows: list[dict[str, float]] = []  # this viewer's stage rows, for its after-server medians
         ids: list[int] = []
         unmatched = 0
         causality = 0
@@ -995,6 +1000,7 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                 else:
                     row["jitter_decode_paint"] = (t_show - t_recv) / 1e6
             pooled_rows.append(row)
+            own_rows.append(row)
             par = {k: float(stages[k]) for k in parallel if k in stages}
             if par:
                 pooled_parallel.append(par)
@@ -1025,6 +1031,10 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                  "damaged_code": damaged,
                  "unmatched": unmatched, "shown_before_composed": causality, "repeated_reads": repeats,
                  "lost_pct": round(100.0 * lost / max(1, missing + len(g2g)), 3)}
+        # after the server the path is per viewer (its send turn, its socket, its decoder): median and p95 each
+        own = {k: [r[k] for r in own_rows if k in r] for k in AFTER_SERVER_STAGES}
+        entry["stages_ms"] = {k: {"p50": round(float(np.percentile(x, 50)), 3), "p95": round(float(np.percentile(x, 95)), 3)}
+                              for k, x in own.items() if x}
         if v.stats:
             stats = dict(v.stats)
             if "_bytes" in stats:
@@ -1405,8 +1415,8 @@ def markdown(report: dict) -> str:
                                                           else "–" for k in keys) + " |")
     out += ["", "Receivers (Chromium `getStats()` over the window, mean over viewers):", "",
             "| server | viewers | codec | size | kbit/s | jitter buffer ms | decode ms | freezes | code read by "
-            "(cross-checked: disagreed) | per-viewer p99 |",
-            "|---|---:|---|---|---:|---:|---:|---:|---|---|"]
+            "(cross-checked: disagreed) | per-viewer p99 | per-viewer send+network median |",
+            "|---|---:|---|---|---:|---:|---:|---:|---|---|---|"]
     for r in report["runs"]:
         rx = [v.get("receiver", {}) for v in r["per_viewer"]]
         if not any(rx):
@@ -1414,12 +1424,13 @@ def markdown(report: dict) -> str:
         mean = lambda k: _fmt(float(np.mean([x[k] for x in rx if x.get(k) is not None]))  # noqa: E731
                              if any(x.get(k) is not None for x in rx) else None)
         p99s = ", ".join(_fmt(v["glass_to_glass_ms"].get("p99"), 0) for v in r["per_viewer"])
+        sends = ", ".join(_fmt(v.get("stages_ms", {}).get("send_network", {}).get("p50"), 1) for v in r["per_viewer"])
         cc = r.get("reader_cross_check")
         read = (r.get("reader") or "canvas") + (f" ({cc['frames']}: {cc['disagreed']})" if cc else "") + (
             ", one page" if r.get("chromium_layout") == "page" else "")
         out.append(f"| {_name(r)} | {_viewers_cell(r)} | {rx[0].get('codec')} | {rx[0].get('frameWidth')}×"
                    f"{rx[0].get('frameHeight')} | {mean('kbit_per_s')} | {mean('jitter_buffer_ms_avg')} | "
-                   f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {read} | {p99s} |")
+                   f"{mean('decode_ms_avg')} | {sum(x.get('freezeCount', 0) for x in rx)} | {read} | {p99s} | {sends} |")
     if report.get("comparisons") and not report.get("sets"):
         out += ["", "Ratios: " + "; ".join(f"{k} = {v}" for k, v in report["comparisons"].items())]
     if report.get("sets"):
