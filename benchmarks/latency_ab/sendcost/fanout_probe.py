@@ -10,13 +10,15 @@ from aiortc import rtcdtlstransport
 LOG=[]
 orig=rtcdtlstransport.RTCDtlsTransport._send_rtp
 async def _send_rtp(self, data):
-    first = len(data) > 12 and not (192 <= data[1] <= 223)
+    is_rtp = len(data) > 12 and not (192 <= data[1] <= 223)  # RTCP packet types are 192-223
     t0=time.perf_counter_ns()
     await orig(self, data)
-    if first:
+    if is_rtp:  # (start, end, transport, marker bit = last packet of a frame, RTP timestamp)
         LOG.append((t0, time.perf_counter_ns(), id(self), data[1] & 0x80, struct.unpack('!I', data[4:8])[0]))
 rtcdtlstransport.RTCDtlsTransport._send_rtp=_send_rtp
 def dump():
+    import os
+    os.makedirs('/tmp/lat', exist_ok=True)
     json.dump(LOG, open('/tmp/lat/probe_send.json','w'))
 atexit.register(dump)
 import signal
