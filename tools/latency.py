@@ -1031,10 +1031,8 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                  "damaged_code": damaged,
                  "unmatched": unmatched, "shown_before_composed": causality, "repeated_reads": repeats,
                  "lost_pct": round(100.0 * lost / max(1, missing + len(g2g)), 3)}
-        # after the server the path is per viewer (its send turn, its socket, its decoder): median and p95 each
-        own = {k: [r[k] for r in own_rows if k in r] for k in AFTER_SERVER_STAGES}
-        entry["stages_ms"] = {k: {"p50": round(float(np.percentile(x, 50)), 3), "p95": round(float(np.percentile(x, 95)), 3)}
-                              for k, x in own.items() if x}
+        # after the server the path is per viewer (its send turn, its socket, its decoder)
+        entry["stages_ms"] = {k: v for k, v in _stage_table(own_rows).items() if k in AFTER_SERVER_STAGES}
         if v.stats:
             stats = dict(v.stats)
             if "_bytes" in stats:

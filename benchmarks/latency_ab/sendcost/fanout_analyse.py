@@ -5,10 +5,10 @@ import sys
 
 import numpy as np
 
-log = sorted(json.load(open(sys.argv[1])))  # (t_start_ns, t_end_ns, transport id, marker bit, rtp timestamp)
+log = sorted(json.load(open(sys.argv[1])))  # (t_start_ns, t_end_ns, transport id, marker bit[, rtp timestamp])
 n_viewers = len({e[2] for e in log})
 cur, frames = {}, []
-for t0, t1, tid, mark, _ in log:
+for t0, t1, tid, mark, *_ in log:
     cur.setdefault(tid, t0)
     if mark:
         frames.append((tid, cur.pop(tid), t1))

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import av
-import cv2
 import numpy as np
 from aiortc.codecs import get_encoder
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
