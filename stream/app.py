@@ -46,6 +46,9 @@ def _viewer_html() -> str:
 class ServerOptions:
     encode: str = "shared"
     """``shared``: one encoder for all viewers (encode once, fan out); ``per-viewer``: aiortc's one per peer."""
+    fanout: str = "pass"
+    """With the shared encoder: ``pass``, every viewer written in one pass per frame (``stream.fanout``); ``tasks``,
+    aiortc's own sender loop per viewer."""
     codec: str = "vp8"
     bitrate: int = DEFAULT_BITRATE
     vp8_speed: int = DEFAULT_VP8_SPEED
@@ -102,7 +105,7 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
     else:
         playout.disable()
     webrtc = WebRTCServer(pipeline.out, pipeline._t0_ns, ice_servers=ice_servers, encoder=encoder,
-                          max_viewers=opts.max_viewers)
+                          max_viewers=opts.max_viewers, fanout=opts.fanout)
     guard = Guard(opts.security)
     recorder = Recorder(pipeline, opts.recordings_dir, events=opts.events)
     metrics = Metrics(pipeline, webrtc, guard, recorder)

@@ -94,6 +94,8 @@ class EncodedPacket:
     packet: av.Packet
     keyframe: bool
     size: int
+    record: dict | None = None
+    """The frame's record in ``Pipeline.records`` (the fan-out adds its ``send`` time to it)."""
 
 
 class Subscription:
@@ -319,7 +321,8 @@ class SharedEncoder:
         packet.time_base = VIDEO_TIME_BASE
         is_key = key or self._is_keyframe(data)
         self._seq += 1
-        pkt = EncodedPacket(self._seq, out.frame_id, out.t_capture_ns, t1, packet, is_key, len(data))
+        pkt = EncodedPacket(self._seq, out.frame_id, out.t_capture_ns, t1, packet, is_key, len(data),
+                            getattr(out, "record", None))
         self.frames_encoded += 1
         self.keyframes += int(is_key)
         self.bytes_out += len(data)

@@ -53,6 +53,15 @@ def lower_thread_priority(increment: int) -> int | None:
         return None
 
 
+def stamp_stage(record: dict[str, Any] | None, stage: str, start_ns: int, end_ns: int) -> None:
+    """Add a stage that runs after composition (``encode``, ``send``) to a frame's record, from any thread.
+
+    The stage dict is replaced, never mutated, so a reader serialising the records never sees it change size.
+    """
+    if record is not None:
+        record["stages_ms"] = {**record["stages_ms"], stage: (end_ns - start_ns) / 1e6}
+
+
 @dataclass
 class PipelineConfig:
     max_ai_lag_ms: float = 100.0
@@ -308,13 +317,8 @@ class Pipeline:
 
     @staticmethod
     def stamp_record(out: OutputFrame, stage: str, start_ns: int, end_ns: int) -> None:
-        """Add a later stage's time (e.g. ``encode``) to ``out``'s record, from any thread.
-
-        The stage dict is replaced, never mutated, so a reader serialising the records never sees it change size.
-        """
-        rec = out.record
-        if rec is not None:
-            rec["stages_ms"] = {**rec["stages_ms"], stage: (end_ns - start_ns) / 1e6}
+        """Add a later stage's time (e.g. ``encode``) to ``out``'s record, from any thread (:func:`stamp_stage`)."""
+        stamp_stage(out.record, stage, start_ns, end_ns)
 
     def _reset_smoother(self) -> None:
         from sonomaly.engines.processing import TemporalSmoother

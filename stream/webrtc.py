@@ -7,10 +7,12 @@ carrying per-frame metadata.
   aiortc's fixed 30 fps pacer, so the receiver's playout follows the source's real timing.
 * The offer/answer exchange is the aiortc example convention: ``POST /offer`` with JSON ``{"sdp", "type"}``; WHEP
   (``POST /whep`` with ``application/sdp``) uses the same :meth:`WebRTCServer.answer`.
-* Two encode modes. ``shared`` (default): one :class:`~sonomaly.stream.encoder.SharedEncoder` per stream, and each
-  viewer's :class:`EncodedVideoTrack` returns the same ``av.Packet``s, which aiortc's sender only packetises; the
-  answer is forced to the shared codec and the viewers' keyframe requests reach the shared encoder. ``per-viewer``:
-  aiortc's default, one encoder per peer (:class:`PipelineVideoTrack` returns raw frames), kept for comparison.
+* Two encode modes. ``shared`` (default): one :class:`~sonomaly.stream.encoder.SharedEncoder` per stream; the
+  answer is forced to the shared codec and the viewers' keyframe requests reach the shared encoder. Its packets reach
+  the viewers through the one-pass :class:`~sonomaly.stream.fanout.FanOut` (every viewer written in one pass per
+  frame, ``fanout="pass"``, the default) or, with ``fanout="tasks"`` or an aiortc the pass cannot drive, through each
+  viewer's :class:`EncodedVideoTrack`, whose packets aiortc's own sender loop packetises. ``per-viewer``: aiortc's
+  default, one encoder per peer (:class:`PipelineVideoTrack` returns raw frames), kept for comparison.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from sonomaly.stream.encoder import SharedEncoder, codec_mime, hook_keyframe_requests
+from sonomaly.stream.fanout import MODES as FANOUT_MODES
+from sonomaly.stream.fanout import FanOut
 from sonomaly.stream.pipeline import OutputHub
 
 log = logging.getLogger("sonomaly.webrtc")
@@ -118,21 +122,28 @@ class EncodedVideoTrack(MediaStreamTrack):
         self.first_keyframe_s: float | None = None
         self._t_subscribed: float | None = None
 
+    def note_subscribed(self) -> None:
+        self._t_subscribed = asyncio.get_running_loop().time()
+
+    def note_sent(self, keyframe: bool) -> None:
+        """Count a frame sent to this viewer (by :meth:`recv`, or by the one-pass fan-out, which bypasses it)."""
+        self.frames_sent += 1
+        if keyframe:
+            self.keyframes_sent += 1
+            if self.first_keyframe_s is None and self._t_subscribed is not None:
+                self.first_keyframe_s = asyncio.get_running_loop().time() - self._t_subscribed
+
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         if self._sub is None:
             self._sub = self._encoder.subscribe()
-            self._t_subscribed = asyncio.get_running_loop().time()
+            self.note_subscribed()
         pkt = await self._sub.next(timeout=self._idle_timeout_s)
         if pkt is None:
             self.stop()
             raise MediaStreamError
-        self.frames_sent += 1
-        if pkt.keyframe:
-            self.keyframes_sent += 1
-            if self.first_keyframe_s is None:
-                self.first_keyframe_s = asyncio.get_running_loop().time() - self._t_subscribed
+        self.note_sent(pkt.keyframe)
         return pkt.packet
 
     def stop(self) -> None:
@@ -184,7 +195,9 @@ class WebRTCServer:
 
     def __init__(self, hub: OutputHub, t0_ns: int, *, ice_servers: list[str] | None = None,
                  metadata=None, encoder: SharedEncoder | None = None, max_viewers: int = 64,
-                 connect_timeout_s: float = 20.0, rtcp_timeout_s: float = 8.0) -> None:
+                 connect_timeout_s: float = 20.0, rtcp_timeout_s: float = 8.0, fanout: str = "pass") -> None:
+        if fanout not in FANOUT_MODES:
+            raise ValueError(f"fanout must be one of {FANOUT_MODES}, not {fanout!r}")
         self.hub = hub
         self.t0_ns = t0_ns
         self.ice_servers = [RTCIceServer(urls=u) for u in (ice_servers or [])]
@@ -193,6 +206,9 @@ class WebRTCServer:
         self.total_viewers = 0
         self.encoder = encoder
         """The shared encoder (encode once, fan out), or ``None``: one aiortc encoder per viewer."""
+        self.fanout = FanOut(encoder) if encoder is not None and fanout == "pass" else None
+        """With the shared encoder: the one-pass fan-out (``stream.fanout``), or ``None``: aiortc's loop per viewer."""
+        self.fanout_fallbacks = 0
         self.max_viewers = max_viewers
         self.connect_timeout_s = connect_timeout_s
         self.rtcp_timeout_s = rtcp_timeout_s
@@ -244,7 +260,14 @@ class WebRTCServer:
             raise OfferError(f"the offer does not support {codec_mime(self.encoder.codec_name)}, which this server "
                              f"sends to every viewer (encode once); start the server with another --codec")
         transceiver._codecs = common
-        hook_keyframe_requests(transceiver.sender, self.encoder)
+        self.attach_sender(transceiver.sender, track)
+
+    def attach_sender(self, sender, track: MediaStreamTrack) -> None:
+        """A shared-encoder sender (a viewer's, the WHIP publisher's): its keyframe requests go to the encoder, and it
+        joins the one-pass fan-out where this aiortc allows it (else aiortc's own loop reads ``track``)."""
+        hook_keyframe_requests(sender, self.encoder)
+        if self.fanout is not None and not self.fanout.attach(sender, track):
+            self.fanout_fallbacks += 1
 
     def _config(self) -> RTCConfiguration:
         return RTCConfiguration(iceServers=list(self.ice_servers))
@@ -327,6 +350,8 @@ class WebRTCServer:
         if self._watchdog is not None:
             self._watchdog.cancel()
         await asyncio.gather(*(self._drop(v) for v in list(self.viewers)), return_exceptions=True)
+        if self.fanout is not None:
+            await self.fanout.close()
 
     async def drop_id(self, viewer_id: str) -> bool:
         viewer = self.by_id(viewer_id)
@@ -343,4 +368,11 @@ class WebRTCServer:
                 # per viewer: how long after it subscribed its first keyframe went out (shared encoder)
                 "first_keyframe_ms": sorted(round(v.track.first_keyframe_s * 1000, 1) for v in self.viewers
                                             if getattr(v.track, "first_keyframe_s", None) is not None),
-                **({"encoder": self.encoder.stats()} if self.encoder is not None else {})}
+                **({"encoder": self.encoder.stats(), "fanout": self.fanout_stats()} if self.encoder is not None else {})}
+
+    def fanout_stats(self) -> dict:
+        """How the shared encoder's packets reach the viewers: ``pass`` (one pass per frame, ``stream.fanout``) or
+        ``tasks`` (aiortc's loop per viewer: chosen, or the fallback on an aiortc without what the pass needs)."""
+        if self.fanout is None:
+            return {"mode": "tasks"}
+        return {**self.fanout.stats(), "fallbacks": self.fanout_fallbacks}

@@ -17,7 +17,7 @@ import urllib.request
 
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-from sonomaly.stream.encoder import codec_preferences, hook_keyframe_requests
+from sonomaly.stream.encoder import codec_preferences
 
 log = logging.getLogger("sonomaly.whip")
 
@@ -83,7 +83,7 @@ class WhipPublisher:
         transceiver = pc.addTransceiver(track, direction="sendonly")
         if self.webrtc.encoder is not None:
             transceiver.setCodecPreferences(codec_preferences(self.webrtc.encoder.codec_name))
-            hook_keyframe_requests(transceiver.sender, self.webrtc.encoder)
+            self.webrtc.attach_sender(transceiver.sender, track)
 
         @pc.on("connectionstatechange")
         def _state() -> None:

@@ -1,6 +1,8 @@
 """Shared fixtures: bundled data, the bundled model, a live `sonomaly serve` process, and Chromium."""
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -25,6 +27,13 @@ CHROMIUM_ARGS = [
     "--disable-sync", "--no-first-run", "--disable-quic", "--autoplay-policy=no-user-gesture-required",
     "--disable-features=WebRtcHideLocalIpsWithMdns",
 ]
+
+
+def arun(coro):
+    """``asyncio.run`` on a fresh thread: Playwright's sync API (the session's ``browser`` fixture) keeps an event loop
+    running on the main thread once a browser test has run, and ``asyncio.run`` refuses to start beside it."""
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, coro).result()
 
 
 @pytest.fixture(scope="session")

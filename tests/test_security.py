@@ -3,7 +3,6 @@ limit, closed CORS by default, and TLS through `sonomaly serve --ssl-certfile/--
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import shutil
 import socket
@@ -23,14 +22,9 @@ from sonomaly.stream.security import SecurityConfig
 from sonomaly.stream.sources import ReconnectingSource, open_source
 from sonomaly.tools.client import make_offer
 
+from conftest import arun
+
 V, C = "viewer-secret", "control-secret"
-
-
-def arun(coro):
-    """``asyncio.run`` on a fresh thread: Playwright's sync API (the session's ``browser`` fixture) keeps an event loop
-    running on the main thread once a browser test has run, and ``asyncio.run`` refuses to start beside it."""
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(asyncio.run, coro).result()
 
 
 async def _offer_sdp() -> str:

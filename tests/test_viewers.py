@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import json
 import time
@@ -23,12 +22,7 @@ from aiortc.mediastreams import MediaStreamError
 from sonomaly.stream.encoder import SharedEncoder, parse_bitrate
 from sonomaly.stream.pipeline import OutputFrame, OutputHub
 
-
-def arun(coro):
-    """``asyncio.run`` on a fresh thread: Playwright's sync API (the session's ``browser`` fixture) keeps an event loop
-    running on the main thread once a browser test has run, and ``asyncio.run`` refuses to start beside it."""
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(asyncio.run, coro).result()
+from conftest import arun
 
 
 @dataclass

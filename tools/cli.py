@@ -61,6 +61,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("streaming (docs/STREAMING.md)")
     g.add_argument("--encode", choices=["shared", "per-viewer"], default="shared",
                    help="shared: one encoder for all viewers (default); per-viewer: aiortc's one encoder per viewer")
+    g.add_argument("--fanout", choices=["pass", "tasks"], default="pass",
+                   help="how the shared encoder's packets reach the viewers: pass (default), every viewer in one pass "
+                        "per frame; tasks: aiortc's own sender loop per viewer")
     g.add_argument("--codec", choices=["vp8", "h264"], default="vp8", help="codec of the shared encoder (default vp8)")
     g.add_argument("--bitrate", default="4M", help="bitrate of the shared encoder, e.g. 2M..6M on a hospital LAN "
                                                    "(default 4M)")
@@ -196,7 +199,7 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     from sonomaly.stream.security import SecurityConfig
 
     options = ServerOptions(
-        encode=args.encode, codec=args.codec, bitrate=bitrate, vp8_speed=vp8_speed,
+        encode=args.encode, fanout=args.fanout, codec=args.codec, bitrate=bitrate, vp8_speed=vp8_speed,
         security=SecurityConfig(viewer_token=args.viewer_token, control_token=args.control_token,
                                 exempt_loopback=not args.no_loopback_exempt, rate_per_s=args.signalling_rate,
                                 cors_origins=list(args.cors_origin)),

@@ -992,6 +992,9 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
             encode = stages.get("encode")  # the shared encoder stamps its time on the record
             if encode is not None:
                 row["encode"] = float(encode)
+            for k in ("send_wait", "send"):  # the one-pass fan-out: encoded -> pass start -> its last packet out
+                if stages.get(k) is not None:
+                    row[k] = float(stages[k])
             if t_recv > 0:
                 row["send_network"] = (t_recv - rec["t_composed_ns"]) / 1e6 - (encode or 0.0)
                 if t_pres > 0:
