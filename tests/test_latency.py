@@ -181,6 +181,9 @@ def test_chromium_harness_on_a_served_clip(serve, browser, demo_clip, lung_model
     cal = rx["clock_calibration_ms"]  # wall-clock route vs a direct bracketed reading of the browser's clock
     assert abs(cal["cross_check"]) <= cal["cross_check_bound"] + 2.0, cal
     assert r["health"]["model"] and r["health"]["ai"] in ("ok", "delayed")
+    # the one-pass fan-out (the default) stamps its parts of send_network on the records, and the run says it ran
+    assert r["health"]["encode"] == "shared" and r["health"]["fanout"]["mode"] == "pass"
+    assert st["send"]["p50"] > 0 and st["send_wait"]["p50"] >= 0 and "send" not in r["serial_stages"]
 
 
 def test_cli_serves_sonomaly_and_the_naive_baseline(tmp_path, demo_clip, lung_model):

@@ -1221,7 +1221,8 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
     result["cpu"] = window.cpu
     result["codec"] = codec or "default (offer order)"
     result["health"] = {k: health1.get(k) for k in ("model", "backend", "frames_in", "frames_out", "frames_dropped",
-                                                    "fps_out", "ai", "ai_frames", "overflow_drops", "viewers")
+                                                    "fps_out", "ai", "ai_frames", "overflow_drops", "viewers",
+                                                    "encode", "fanout")
                         if k in health1}
     if "frames_dropped" in health0 and "frames_dropped" in health1:
         result["health"]["frames_dropped_during_run"] = health1["frames_dropped"] - health0["frames_dropped"]
