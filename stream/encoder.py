@@ -95,7 +95,7 @@ class EncodedPacket:
     keyframe: bool
     size: int
     record: dict | None = None
-    """The frame's record in ``Pipeline.records`` (the fan-out adds its ``send`` time to it)."""
+    """The frame's record in ``Pipeline.records`` (the fan-out adds its ``send_wait`` and ``send`` times to it)."""
 
 
 class Subscription:

@@ -108,7 +108,10 @@ class PipelineVideoTrack(MediaStreamTrack):
 
 
 class EncodedVideoTrack(MediaStreamTrack):
-    """A video track that returns the shared encoder's packets (aiortc packs an ``av.Packet`` without encoding)."""
+    """A video track that returns the shared encoder's packets (aiortc packs an ``av.Packet`` without encoding).
+
+    With the one-pass fan-out (``stream.fanout``) aiortc never calls :meth:`recv`: the track stands in the session
+    description, and the fan-out counts what it sends to this viewer through :meth:`note_sent`."""
 
     kind = "video"
 
