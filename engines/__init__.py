@@ -88,7 +88,8 @@ def _make_with_precision(backend: str, model_dir: Path, card: ModelCard, opts: d
     return _make(backend, model_dir, card, opts, "fp32"), "fp32", f"{precision} unavailable ({why}); using fp32"
 
 
-def load(model_dir: str | Path, backend: str = "auto", precision: str | None = None, **opts) -> Engine:
+def load(model_dir: str | Path, backend: str = "auto", precision: str | None = None, *,
+         process: bool | dict = False, **opts) -> Engine:
     """Load the model in ``model_dir`` (``card.json`` + model files) on ``backend``.
 
     ``backend``: ``"auto"`` (TensorRT when importable and a GPU is present, else ONNX Runtime; ``Engine.backend_reason``
@@ -99,9 +100,18 @@ def load(model_dir: str | Path, backend: str = "auto", precision: str | None = N
     ``opts`` go to the backend (onnxruntime: ``threads=2``, ``providers="auto"``, ``graph_optimization="all"``,
     ``spin``; tensorrt: ``device=0``, ``calib``, ``cuda_graph``; torch: ``threads``).
     An explicitly requested backend that cannot run raises :class:`BackendUnavailable`.
+    ``process``: run the engine in a process of its own (:mod:`sonomaly.engines.isolated`; a dict passes its options,
+    e.g. ``{"timeout_s": 5}``), so that a native crash or hang in the inference library cannot take the caller down.
     """
     model_dir = Path(model_dir)
     card = ModelCard.load(model_dir)
+    if process:
+        from .isolated import IsolatedBackend
+
+        impl = IsolatedBackend(model_dir, backend, precision, **(process if isinstance(process, dict) else {}), **opts)
+        info = impl.info
+        return Engine(card, info["backend"], f"{info['backend_reason']}; in a process of its own", model_dir, impl,
+                      info["precision"])
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if precision is not None and precision not in PRECISIONS:

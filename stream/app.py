@@ -46,6 +46,9 @@ def _viewer_html() -> str:
 class ServerOptions:
     encode: str = "shared"
     """``shared``: one encoder for all viewers (encode once, fan out); ``per-viewer``: aiortc's one per peer."""
+    engine_process: bool | dict = True
+    """Models loaded through the control API run in a process of their own (``engines.load(process=...)``; a dict
+    passes options such as ``timeout_s``); ``False``: in the server's process."""
     fanout: str = "pass"
     """With the shared encoder: ``pass``, every viewer written in one pass per frame (``stream.fanout``); ``tasks``,
     aiortc's own sender loop per viewer."""
@@ -109,7 +112,8 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
     guard = Guard(opts.security)
     recorder = Recorder(pipeline, opts.recordings_dir, events=opts.events)
     metrics = Metrics(pipeline, webrtc, guard, recorder)
-    state = control_api.ControlState(pipeline, recorder, models_dir=opts.models_dir, dataset_dir=opts.dataset_dir)
+    state = control_api.ControlState(pipeline, recorder, models_dir=opts.models_dir, dataset_dir=opts.dataset_dir,
+                                     engine_process=opts.engine_process)
     whip = None
 
     @asynccontextmanager
@@ -137,6 +141,9 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
                 encoder.stop()
             if manage_pipeline:
                 pipeline.stop()
+                engine = pipeline.engine
+                if getattr(getattr(engine, "impl", None), "isolated", False):
+                    engine.close()  # its process ends with the server
 
     app = FastAPI(title="Sonomaly", version="0.1.0", lifespan=lifespan,
                   description="Live ultrasound anomaly heatmaps over WebRTC.")
@@ -250,6 +257,8 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
             "signal": pipeline.signal,
             "backend": getattr(engine, "backend", None),
             "backend_reason": getattr(engine, "backend_reason", None),
+            "engine_process": engine.impl.stats() if getattr(getattr(engine, "impl", None), "isolated", False)
+            else None,
             "model": pipeline.model_name,
             **webrtc.stats(),
             **({"whip": whip.stats()} if whip is not None else {}),

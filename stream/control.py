@@ -71,13 +71,16 @@ class Feedback(BaseModel):
 
 class ControlState:
     def __init__(self, pipeline, recorder, *, models_dir: str | Path | None = None,
-                 dataset_dir: str | Path = "feedback", default_backend: str = "auto", loader=None) -> None:
+                 dataset_dir: str | Path = "feedback", default_backend: str = "auto", loader=None,
+                 engine_process: bool | dict = False) -> None:
         self.pipeline = pipeline
         self.recorder = recorder
         self.models_dir = Path(models_dir) if models_dir else None
         self.dataset_dir = Path(dataset_dir)
         self.default_backend = default_backend
         self.loader = loader
+        self.engine_process = engine_process
+        """``engines.load(process=...)`` for the models this API loads: in a process of their own, or not."""
         self.switching: dict | None = None
         self.last_switch: dict | None = None
         self._switch_lock = asyncio.Lock()
@@ -238,7 +241,7 @@ def _load(state: ControlState, path: Path, backend: str, opts: dict):
         return state.loader(path, backend, **opts)
     from sonomaly import engines
 
-    return engines.load(path, backend=backend, **opts)
+    return engines.load(path, backend=backend, process=state.engine_process, **opts)
 
 
 _feedback_lock = threading.Lock()

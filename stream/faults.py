@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -998,6 +999,78 @@ def scenario_engine_inf(ctx: Context) -> ScenarioResult:
     return res
 
 
+def _engine_process_scenario(res: ScenarioResult, ctx: Context, sig: int, *, reason_has: str,
+                             timeout_s: float = 1.0) -> None:
+    """The engine in a process of its own (``engines.load(process=...)``, what ``serve`` runs) and a real OS signal
+    to that process: SIGSEGV as a native crash ends it, SIGSTOP freezes it as a hung call would."""
+    from sonomaly import engines
+    from sonomaly.stream.sources import open_source
+
+    eng = engines.load(str(LUNG_MODEL), backend="onnxruntime", threads=1, spin=False,
+                       process={"timeout_s": timeout_s, "restart_backoff_s": 0.3})
+    try:
+        p = _pipeline(_reconnecting(lambda: open_source(str(DEMO_CLIP), loop=True)), eng, engine_retry_s=0.3)
+        with _Run(p) as run:
+            w = run.w
+            time.sleep(1.2)
+            pid = eng.impl.pid
+            t_fault = w.mark("fault")
+            os.kill(pid, sig)
+            t_off = _wait_until(lambda: p.ai_state == "off", timeout_s + 5.0)
+            reason = p.stats()["ai_reason"] or ""
+            t_rec = _wait_until(lambda: p.ai_state == "ok" and eng.impl.pid not in (None, pid), 15.0)
+            t_back = w.mark("back")
+            time.sleep(0.8)
+            t_end = w.mark("end")
+        try:
+            os.kill(pid, 0)
+            old_gone = False
+        except ProcessLookupError:
+            old_gone = True
+    finally:
+        eng.close()
+    before = w.between(0, t_fault)[5:]
+    during = w.between(t_fault, t_back)
+    after = w.between(t_end - int(0.6e9), t_end)
+    stats = eng.impl.stats()
+    res.metrics.update({
+        "fps_before": _r(fps_of(before)), "fps_during": _r(fps_of(during)), "fps_after": _r(fps_of(after)),
+        "ai_off_after_s": _r(t_off, 2), "ai_reason": reason[:80], "recovered_after_s": _r(t_rec, 2),
+        "ai_ok_after": _r(share(after, lambda it: it.ai == "ok"), 2),
+        "engine_starts": stats["starts"], "engine_crashes": stats["crashes"], "engine_timeouts": stats["timeouts"],
+    })
+    _flow_checks(res, w.items[5:], outage=False)
+    res.checks["video at the source rate while the engine process is down"] = fps_of(during) >= 0.8 * fps_of(before)
+    res.checks["AI OFF once the engine process is seen gone"] = t_off is not None
+    res.checks["'AI OFF' banner in the pixels"] = any(it.banner == "AI OFF" for it in during)
+    res.checks[f"ai_reason says '{reason_has}'"] = reason_has in reason
+    res.checks["a new engine process, AI back by itself"] = t_rec is not None and stats["starts"] == 2
+    res.checks["the failed engine process is gone"] = old_gone
+    res.checks["AI OFF banner gone once recovered"] = share(after, lambda it: it.banner == "AI OFF") == 0
+    if sig == signal.SIGSTOP:  # a hung call first shows as a heatmap growing old, before the timeout ends it
+        res.checks["AI DELAYED while the engine process hangs"] = any(it.ai == "delayed" for it in during)
+    run.leak_checks(res)
+    res.outcome = (f"video {res.metrics['fps_during']} fps while the engine process was down (before "
+                   f"{res.metrics['fps_before']}), AI OFF after {res.metrics['ai_off_after_s']} s ('{reason[:48]}'), "
+                   f"a new engine process and AI back {res.metrics['recovered_after_s']} s later; "
+                   f"max gap {res.metrics['max_gap_ms']} ms")
+
+
+def scenario_engine_process_crash(ctx: Context) -> ScenarioResult:
+    res = ScenarioResult("engine.process_crash", "The engine's process dies of a segmentation fault", "engine",
+                         "AI OFF naming the signal, video unaffected, a new engine process and AI back by itself")
+    _engine_process_scenario(res, ctx, signal.SIGSEGV, reason_has="SIGSEGV")
+    return res
+
+
+def scenario_engine_process_hang(ctx: Context) -> ScenarioResult:
+    res = ScenarioResult("engine.process_hang", "The engine's process stops answering (SIGSTOP)", "engine",
+                         "AI DELAYED, then AI OFF after the engine timeout (1 s here), the process killed, video "
+                         "unaffected, a new engine process and AI back by itself")
+    _engine_process_scenario(res, ctx, signal.SIGSTOP, reason_has="did not answer")
+    return res
+
+
 FAULT_SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "source.file_removed": scenario_file_removed,
     "source.network_killed": scenario_network_killed,
@@ -1010,6 +1083,8 @@ FAULT_SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "engine.stall_2s": scenario_engine_stall,
     "engine.nan": scenario_engine_nan,
     "engine.inf": scenario_engine_inf,
+    "engine.process_crash": scenario_engine_process_crash,
+    "engine.process_hang": scenario_engine_process_hang,
 }
 
 

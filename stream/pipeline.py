@@ -298,13 +298,16 @@ class Pipeline:
         return self._engine
 
     def set_engine(self, engine, model_name: str | None = None) -> None:
-        """Swap the model or backend while the video keeps flowing."""
+        """Swap the model or backend while the video keeps flowing. An engine in a process of its own that is
+        replaced is closed (in the background, once a call in flight has returned)."""
         with self._engine_lock:
-            self._engine = engine
+            old, self._engine = self._engine, engine
             self.model_name = model_name or (engine.card.name if engine is not None else None)
             self.ai_failing = engine is None
             self.ai_reason = None if engine is not None else "no model loaded"
             self._reset_smoother()
+        if old is not None and old is not engine and getattr(getattr(old, "impl", None), "isolated", False):
+            threading.Thread(target=old.close, name="sonomaly-engine-close", daemon=True).start()
 
     def set_ai_max_fps(self, fps: float | None) -> None:
         """Change :attr:`PipelineConfig.ai_max_fps` live (None or 0: no cap); a resting worker takes the next frame

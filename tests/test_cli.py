@@ -129,7 +129,9 @@ def test_vp8_speed_is_checked():
                                        (["--ssl-certfile", "c.pem"], "go together"),
                                        (["--ai-max-fps", "-1"], "--ai-max-fps must be a finite number >= 0"),
                                        (["--ai-max-fps", "1001"], "--ai-max-fps must be a finite number >= 0 and <= 1000"),
-                                       (["--ai-max-fps", "inf"], "--ai-max-fps must be a finite number >= 0")])
+                                       (["--ai-max-fps", "inf"], "--ai-max-fps must be a finite number >= 0"),
+                                       (["--engine-timeout-s", "0"], "--engine-timeout-s must be in (0, 3600]"),
+                                       (["--engine-timeout-s", "nan"], "--engine-timeout-s must be in (0, 3600]")])
 def test_serve_options_are_checked_before_the_model_loads(bad, says, tmp_path):
     # a model folder that does not exist: had the model been loaded first, the error would be about the model
     r = subprocess.run([sys.executable, "-m", "sonomaly.tools", "serve", "--source", "x.mp4",

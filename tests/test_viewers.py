@@ -13,6 +13,7 @@ import json
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,7 @@ def test_model_switch_under_load_keeps_raw_frames_flowing(serve, demo_clip, lung
     server = serve("--source", str(demo_clip), "--model", str(lung_model), "--loop")
     before = server.health()
     assert before["backend"] == "onnxruntime"
+    old_pid = before["engine_process"]["pid"]  # serve runs the engine in a process of its own by default
 
     def switch():
         # a fresh engine (ONNX Runtime, one thread), loaded in a thread and swapped in. (A first switch to the torch
@@ -213,6 +215,12 @@ def test_model_switch_under_load_keeps_raw_frames_flowing(serve, demo_clip, lung
     assert result["backend"] == "onnxruntime" and result["last_switch"]["ok"]
     assert result["last_switch"]["at"] and server.health()["ai"] in ("ok", "delayed")
     assert rate > 12, f"the composer slowed to {rate:.1f} fps during the switch"
+    # the new model runs in a new engine process, and the replaced one's process ends
+    assert result["backend"] and server.health()["engine_process"]["pid"] not in (None, old_pid)
+    deadline = time.monotonic() + 5.0
+    while Path(f"/proc/{old_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{old_pid}").exists(), "the replaced engine's process is still running"
     for w in watches:
         gaps = np.diff(w.times)
         assert w.frames >= 0.8 * 6.0 * rate, (w.frames, rate)

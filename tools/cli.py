@@ -28,6 +28,7 @@ BENCHES: dict[str, str] = {
     "viewers": "sonomaly.tools.bench_viewers",
     "pipeline": "sonomaly.tools.bench_pipeline",
     "encoder": "sonomaly.tools.bench_encoder",
+    "process": "sonomaly.tools.bench_process",
 }
 LIVE_PREFIXES = ("device:", "/dev/video", "rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
@@ -43,6 +44,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-spin", action="store_true",
                    help="let ONNX Runtime's idle intra-op threads busy-wait between frames (off by default: the "
                         "spinning burns most of a core that the grabber, composer and encoder need)")
+    p.add_argument("--engine-process", choices=["on", "off"], default="on",
+                   help="run the inference engine in a process of its own (default on): a crash or hang inside the "
+                        "inference library then costs heatmaps (AI OFF, a new engine process) but never the video")
+    p.add_argument("--engine-timeout-s", type=float, default=5.0, metavar="S",
+                   help="with --engine-process on: an inference that takes longer is a hung engine, whose process "
+                        "is killed and started again (default 5)")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for WebRTC (repeatable; none by default: closed networks)")
     p.add_argument("--max-ai-lag-ms", type=float, default=100.0,
@@ -182,13 +189,18 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         print("sonomaly: --ssl-certfile and --ssl-keyfile go together", file=sys.stderr)
         return 2
+    if not 0 < args.engine_timeout_s <= 3600:
+        print(f"sonomaly: --engine-timeout-s must be in (0, 3600], not {args.engine_timeout_s}", file=sys.stderr)
+        return 2
+    engine_process = ({"timeout_s": args.engine_timeout_s, "nice": int(config.ai_nice)}
+                      if args.engine_process == "on" else False)
     log = logging.getLogger("sonomaly")
     engine = None
     if model_dir:
         opts = {**engines.LIVE_OPTIONS, "spin": bool(args.ort_spin)}
         if args.threads is not None:
             opts["threads"] = args.threads
-        engine = engines.load(model_dir, backend=args.backend, **opts)
+        engine = engines.load(model_dir, backend=args.backend, process=engine_process, **opts)
         log.info("model %s on %s (%s)", engine.card.name, engine.backend, engine.backend_reason or "as asked")
     # a live source (camera, network) that ends has failed: reconnect; a file that ends without --loop has ended
     live = source_uri.removeprefix("stamp:").startswith(LIVE_PREFIXES)  # stamp: = frame-id barcode (latency)
@@ -200,6 +212,7 @@ def _serve(args, source_uri: str, model_dir: str | None, loop: bool) -> int:
 
     options = ServerOptions(
         encode=args.encode, fanout=args.fanout, codec=args.codec, bitrate=bitrate, vp8_speed=vp8_speed,
+        engine_process=engine_process,
         security=SecurityConfig(viewer_token=args.viewer_token, control_token=args.control_token,
                                 exempt_loopback=not args.no_loopback_exempt, rate_per_s=args.signalling_rate,
                                 cors_origins=list(args.cors_origin)),
