@@ -23,8 +23,10 @@ def test_short_soak_reports_every_viewer(tmp_path, demo_clip, lung_model):
         assert s["fps_out"] > 15 and s["viewers"] == 2
         assert 0 < s["viewer_p50_ms"] <= s["viewer_p99_ms"] < 2000
         assert s["rss_mb"] > 50 and s["fds"] > 3 and s["threads"] > 1
+        assert s["engine_rss_mb"] > 20 and s["engine_starts"] == 1  # serve's engine process, measured on its own
     # frames whose server record was not polled yet are carried to the next window, not lost
     assert sum(s["unmatched"] for s in samples) <= 0.05 * sum(sum(s["viewer_fps"]) * 4 for s in samples)
     summary = report["summary"]
     assert summary["viewers_min"] == 2 and summary["viewer_reconnects"] == 0
-    assert "each in a process of its own" in md.read_text()
+    assert "each in a process of its own" in md.read_text() and "| engine process RSS (MB) |" in md.read_text()
+    assert summary["engine_restarts"] == 0

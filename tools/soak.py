@@ -126,6 +126,11 @@ async def soak(args) -> dict[str, Any]:
             now = time.monotonic()
             dt = now - prev_t
             st = proc_stats(server.proc.pid)
+            ep = health.get("engine_process") or {}  # the engine in a process of its own (serve's default)
+            try:
+                est = proc_stats(ep["pid"]) if ep.get("pid") else None
+            except OSError:  # it ended between /health and here
+                est = None
             by_code = {fid & stamp.ID_MASK: r for fid, r in records.items()}
             server_ms = [(r["t_composed_ns"] - r["t_capture_ns"]) / 1e6 for r in records.values()
                          if win_start_ns <= r["t_composed_ns"] < win_end_ns]
@@ -159,6 +164,8 @@ async def soak(args) -> dict[str, Any]:
                 "hwm_mb": round(st["vmhwm_kb"] / 1024, 1),
                 "fds": st["fds"],
                 "threads": st["threads"],
+                "engine_rss_mb": round(est["vmrss_kb"] / 1024, 1) if est else None,
+                "engine_starts": ep.get("starts"),
                 "frames_in": health["frames_in"],
                 "fps_in": round((health["frames_in"] - prev_health["frames_in"]) / dt, 2),
                 "fps_out": round((health["frames_out"] - prev_health["frames_out"]) / dt, 2),
@@ -278,6 +285,7 @@ def summarise(samples: list[dict[str, Any]], warmup_s: float = 60.0) -> dict[str
         "fds_first": first["fds"], "fds_last": last["fds"], "fds_max": max(s["fds"] for s in samples),
         "threads_first": first["threads"], "threads_last": last["threads"],
         "threads_max": max(s["threads"] for s in samples),
+        **_engine_summary(first, last, samples),
         "server_p99_ms_first_quarter": mean(head, "server_p99_ms"),
         "server_p99_ms_last_quarter": mean(tail, "server_p99_ms"),
         "viewer_p99_ms_first_quarter": mean(head, "viewer_p99_ms"),
@@ -292,6 +300,17 @@ def summarise(samples: list[dict[str, Any]], warmup_s: float = 60.0) -> dict[str
         "viewer_reconnects": samples[-1].get("viewer_reconnects", 0),
         "load1_mean": mean(samples, "load1"),
     }
+
+
+def _engine_summary(first: dict, last: dict, samples: list[dict]) -> dict[str, Any]:
+    """The engine process's memory over the run (absent in reports without one)."""
+    if not first.get("engine_rss_mb") or not last.get("engine_rss_mb"):
+        return {}
+    return {"engine_rss_mb_first": first["engine_rss_mb"], "engine_rss_mb_last": last["engine_rss_mb"],
+            "engine_rss_mb_max": max(s.get("engine_rss_mb") or 0 for s in samples),
+            "engine_rss_growth_pct": round(100 * (last["engine_rss_mb"] - first["engine_rss_mb"])
+                                           / first["engine_rss_mb"], 2),
+            "engine_restarts": (last.get("engine_starts") or 1) - (first.get("engine_starts") or 1)}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -317,6 +336,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
         f"| server RSS (MB) | {s['rss_mb_first']} | {s['rss_mb_last']} | {s['rss_mb_max']} | growth "
         f"{s['rss_growth_pct']:+.1f} % |",
+        *([f"| engine process RSS (MB) | {s['engine_rss_mb_first']} | {s['engine_rss_mb_last']} | "
+           f"{s['engine_rss_mb_max']} | growth {s['engine_rss_growth_pct']:+.1f} %, restarts "
+           f"{s['engine_restarts']} |"] if s.get("engine_rss_mb_first") else []),
         f"| open fds | {s['fds_first']} | {s['fds_last']} | {s['fds_max']} | {s['fds_last'] - s['fds_first']:+d} |",
         f"| threads | {s['threads_first']} | {s['threads_last']} | {s['threads_max']} | "
         f"{s['threads_last'] - s['threads_first']:+d} |",
@@ -372,8 +394,11 @@ def plot(report: dict[str, Any], path: str) -> bool:
     rows = report["samples"]
     t = [r["t_s"] / 60 for r in rows]
     fig, ax = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
-    ax[0].plot(t, [r["rss_mb"] for r in rows])
-    ax[0].set_ylabel("server RSS (MB)")
+    ax[0].plot(t, [r["rss_mb"] for r in rows], label="server")
+    if any(r.get("engine_rss_mb") for r in rows):
+        ax[0].plot(t, [r.get("engine_rss_mb") or np.nan for r in rows], label="engine process")
+        ax[0].legend()
+    ax[0].set_ylabel("RSS (MB)")
     ax[1].plot(t, [r["fds"] for r in rows], label="fds")
     ax[1].plot(t, [r["threads"] for r in rows], label="threads")
     ax[1].legend()
