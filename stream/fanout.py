@@ -41,7 +41,8 @@ from sonomaly.stream.pipeline import stamp_stage
 
 log = logging.getLogger("sonomaly.fanout")
 
-#: the private attributes of aiortc's RTCRtpSender (1.9 … 1.16) that the pass reads and keeps up to date
+#: the private attributes of aiortc's RTCRtpSender (as in aiortc 1.16) that the pass reads and keeps up to date; checked
+#: on every sender by supported(), since another release may rename them
 _SENDER_STATE = ("rtp_history", "rtp_header_extensions_map", "mid", "ntp_timestamp", "rtp_timestamp", "octet_count",
                  "packet_count", "rtp_started", "rtp_exited")
 MODES = ("pass", "tasks")
