@@ -62,6 +62,7 @@ class SendLog:
         self.rows: list[tuple[int, int, int, int, int]] = []
         self.drop: set[tuple[int, int]] = set()  # (viewer, nth RTP packet of that viewer)
         self.dropped: list[tuple[int, int]] = []  # (viewer, seq)
+        self.raw: dict[int, list[bytes]] = {}  # the first plain (not yet SRTP-protected) RTP packets of each viewer
         self._count: dict[int, int] = {}
 
     def wrap(self, k: int, transport) -> None:
@@ -75,6 +76,8 @@ class SendLog:
                     self.dropped.append((k, seq))
                     return  # lost on the way
                 self.rows.append((k, time.perf_counter_ns(), data[1] & 0x7F, seq, data[1] >> 7))
+                if len(self.raw.setdefault(k, [])) < 60:
+                    self.raw[k].append(bytes(data))
             await orig(data)
 
         transport._send_rtp = _send_rtp
@@ -120,6 +123,9 @@ async def _session(mode: str, seconds: float = 4.0, drop: set | None = None, sta
         await asyncio.sleep(seconds)
         health = server.stats()
         sent = [await v.pc.getSenders()[0].getStats() for _, v in pcs]
+        senders = [v.pc.getSenders()[0] for _, v in pcs]
+        ext_maps = [getattr(x, "_RTCRtpSender__rtp_header_extensions_map") for x in senders]
+        ids = [(x._ssrc, getattr(x, "_RTCRtpSender__mid")) for x in senders]
     finally:
         stop.set()
         for pc, _ in pcs:
@@ -129,6 +135,7 @@ async def _session(mode: str, seconds: float = 4.0, drop: set | None = None, sta
         feeder.stop_event.set()
     packets_sent = [next(s.packetsSent for s in rep.values() if s.type == "outbound-rtp") for rep in sent]
     return {"frames": frames, "log": log, "health": health, "packets_sent": packets_sent, "records": feeder.records,
+            "ext_maps": ext_maps, "ids": ids,
             "vp8_pt": {pt for _, _, pt, _, _ in log.rows}}
 
 
@@ -163,6 +170,21 @@ def test_one_pass_reaches_every_viewer_in_connection_order_with_matching_counter
     media_pt = min(pt for _, _, pt, _, _ in rows)
     for k in range(3):
         assert r["packets_sent"][k] == sum(1 for row in rows if row[0] == k and row[2] == media_pt)
+    # the headers the pass packs itself read back as aiortc writes them: version, marker, sequence, SSRC, the
+    # negotiated extensions (mid, abs-send-time); parsed and serialized again by aiortc, byte for byte the same
+    from aiortc.rtp import RtpPacket
+
+    for k in range(3):
+        ssrc, mid = r["ids"][k]
+        raw = [d for d in r["log"].raw[k] if d[1] & 0x7F == media_pt]
+        assert len(raw) >= 20
+        for data in raw:
+            pkt = RtpPacket.parse(data, r["ext_maps"][k])
+            assert pkt.version == 2 and pkt.ssrc == ssrc and pkt.payload_type == media_pt
+            assert pkt.extensions.mid == mid and pkt.extensions.abs_send_time is not None
+            assert pkt.serialize(r["ext_maps"][k]) == data
+        seqs = [int.from_bytes(d[2:4], "big") for d in raw]
+        assert all((b - a) % 65536 == 1 for a, b in zip(seqs, seqs[1:]))  # no gap, no repeat
     st = r["health"]["fanout"]
     assert st["viewers_total"] == 3 and st["passes"] >= 100 and st["pass_ms_mean"] > 0
     # each frame's record has the fan-out's time next to the encoder's
