@@ -80,7 +80,9 @@ class _Output:
         What aiortc's loop does per packet, with the per-frame parts done once a frame: the header extensions
         (``abs-send-time`` read once as the frame starts, ``mid``, the playout-delay extension) are serialized once
         and every packet's 12-byte header is packed around them; the RTCP sender report's counters and timestamps are
-        updated once, after the frame. The loop does not yield while it writes, so nothing can read them halfway."""
+        updated once, after the frame. Over host and server-reflexive candidates the writes never yield to the event
+        loop, so no sender report can fall between them; through a TURN relay one may, and then reports the counts
+        of the frame before, as it would between frames."""
         from aiortc import clock
         from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
         from aiortc.utils import uint16_add, uint32_add
