@@ -52,6 +52,11 @@ class Engine:
         return (np.asarray(amap, np.float32).reshape(self.card.map_shape),
                 np.asarray(score, np.float32).reshape(1))
 
+    @property
+    def isolated(self) -> bool:
+        """Whether this engine runs in a process of its own (``load(process=...)``; ``impl.stats()`` then has it)."""
+        return getattr(self.impl, "isolated", False)
+
     def close(self) -> None:
         if hasattr(self.impl, "close"):
             self.impl.close()

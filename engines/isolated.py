@@ -16,10 +16,10 @@ to it over a socket pair:
   ``restart_backoff_s`` up to ``restart_backoff_max_s`` while the crashes go on, so a model that kills its process
   on every frame does not turn into a restart loop that eats the CPU.
 * An error the engine raises comes back as a ``RuntimeError`` with its type and message; the child lives on.
-* The child ignores SIGINT (the server's Ctrl-C stops it through the pipe), exits when the pipe closes (the server
-  went away), and is a daemon of the server process.
+* The child ignores SIGINT (the server's Ctrl-C stops it through the socket) and exits when the socket closes: the
+  server stopped it, or went away, even by SIGKILL.
 
-Cost: one pipe round trip per frame (the tensor out, the map back), measured in docs/ENGINES.md ("A process of its
+Cost: one socket round trip per frame (the tensor out, the map back), measured in docs/ENGINES.md ("A process of its
 own"). ``sonomaly serve`` uses it by default (``--engine-process off`` keeps the engine in the server's process).
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _describe_exit(code: int | None) -> str:
 
 
 def _child(conn) -> None:
-    """The engine process: load, warm up, then answer ``("infer", x)`` until ``("stop",)`` or the pipe closes."""
+    """The engine process: load, warm up, then answer ``("infer", x)`` until ``("stop",)`` or the socket closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         model_dir, backend, precision, opts, nice = conn.recv()
@@ -173,7 +173,8 @@ class IsolatedBackend:
         self._kill()
         self._restart_at = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, self.restart_backoff_max_s)
-        log.warning("%s; a new engine process starts in %.1f s at the earliest", what, self._restart_at - time.monotonic())
+        log.warning("%s; a new engine process starts in %.1f s at the earliest", what,
+                    self._restart_at - time.monotonic())
         return EngineCrashed(what)
 
     @property

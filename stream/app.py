@@ -142,7 +142,7 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
             if manage_pipeline:
                 pipeline.stop()
                 engine = pipeline.engine
-                if getattr(getattr(engine, "impl", None), "isolated", False):
+                if getattr(engine, "isolated", False):
                     engine.close()  # its process ends with the server
 
     app = FastAPI(title="Sonomaly", version="0.1.0", lifespan=lifespan,
@@ -257,8 +257,7 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
             "signal": pipeline.signal,
             "backend": getattr(engine, "backend", None),
             "backend_reason": getattr(engine, "backend_reason", None),
-            "engine_process": engine.impl.stats() if getattr(getattr(engine, "impl", None), "isolated", False)
-            else None,
+            "engine_process": engine.impl.stats() if getattr(engine, "isolated", False) else None,
             "model": pipeline.model_name,
             **webrtc.stats(),
             **({"whip": whip.stats()} if whip is not None else {}),

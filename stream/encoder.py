@@ -321,8 +321,7 @@ class SharedEncoder:
         packet.time_base = VIDEO_TIME_BASE
         is_key = key or self._is_keyframe(data)
         self._seq += 1
-        pkt = EncodedPacket(self._seq, out.frame_id, out.t_capture_ns, t1, packet, is_key, len(data),
-                            getattr(out, "record", None))
+        pkt = EncodedPacket(self._seq, out.frame_id, out.t_capture_ns, t1, packet, is_key, len(data), out.record)
         self.frames_encoded += 1
         self.keyframes += int(is_key)
         self.bytes_out += len(data)

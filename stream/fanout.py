@@ -38,6 +38,13 @@ import logging
 from struct import pack
 from typing import Any
 
+from aiortc import RTCRtpSender, clock
+from aiortc.codecs import get_encoder
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpsender import random_sequence_number
+from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
+from aiortc.utils import random32, uint16_add, uint32_add
+
 from sonomaly.stream.encoder import EncodedPacket, SharedEncoder, Subscription, codec_mime
 from sonomaly.stream.frame import now_ns
 from sonomaly.stream.pipeline import stamp_stage
@@ -53,8 +60,6 @@ MODES = ("pass", "tasks")
 
 def supported(sender) -> bool:
     """Whether this aiortc's sender has everything the one-pass fan-out keeps (else aiortc's own loop runs)."""
-    from aiortc import RTCRtpSender
-
     return isinstance(sender, RTCRtpSender) and all(hasattr(sender, f"_RTCRtpSender__{n}") for n in _SENDER_STATE) \
         and hasattr(sender, "_run_rtp") and hasattr(sender.transport, "_send_rtp")
 
@@ -63,9 +68,6 @@ class _Output:
     """One viewer's RTP stream inside the pass."""
 
     def __init__(self, sender, codec, track) -> None:
-        from aiortc.rtcrtpsender import random_sequence_number
-        from aiortc.utils import random32
-
         self.sender = sender
         self.track = track
         self.payload_type = codec.payloadType
@@ -83,10 +85,6 @@ class _Output:
         updated once, after the frame. Over host and server-reflexive candidates the writes never yield to the event
         loop, so no sender report can fall between them; through a TURN relay one may, and then reports the counts
         of the frame before, as it would between frames."""
-        from aiortc import clock
-        from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket
-        from aiortc.utils import uint16_add, uint32_add
-
         sender = self.sender
         if not getattr(sender, "_enabled", True):
             return True
@@ -141,8 +139,9 @@ class FanOut:
         self._outputs: list[_Output] = []
         self._task: asyncio.Task | None = None
         self._sub: Subscription | None = None
-        self._packer = None
-        self._packer_codec: str | None = None
+        # aiortc's packetiser, once per frame for every viewer (its VP8 picture id then counts this stream's frames)
+        self._packer = get_encoder(RTCRtpCodecParameters(mimeType=codec_mime(encoder.codec_name), clockRate=90_000,
+                                                         payloadType=96))
         # statistics (/health)
         self.passes = 0
         self.pass_ms_max = 0.0
@@ -189,17 +188,6 @@ class FanOut:
         if out in self._outputs:
             self._outputs.remove(out)
 
-    def _pack(self, pkt: EncodedPacket) -> tuple[list[bytes], int]:
-        """aiortc's packetiser, once per frame for every viewer (its VP8 picture id then counts this stream's frames)."""
-        if self._packer is None or self._packer_codec != self.encoder.codec_name:
-            from aiortc.codecs import get_encoder
-            from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-
-            self._packer = get_encoder(RTCRtpCodecParameters(mimeType=codec_mime(self.encoder.codec_name),
-                                                             clockRate=90_000, payloadType=96))
-            self._packer_codec = self.encoder.codec_name
-        return self._packer.pack(pkt.packet)
-
     async def _run(self) -> None:
         sub = self._sub = self.encoder.subscribe()
         try:
@@ -221,7 +209,7 @@ class FanOut:
         if not self._outputs:
             return
         t0 = now_ns()
-        payloads, timestamp = self._pack(pkt)
+        payloads, timestamp = self._packer.pack(pkt.packet)
         for out in list(self._outputs):
             if not await out.send(payloads, timestamp, pkt.keyframe):
                 self.viewers_lost += 1

@@ -306,7 +306,7 @@ class Pipeline:
             self.ai_failing = engine is None
             self.ai_reason = None if engine is not None else "no model loaded"
             self._reset_smoother()
-        if old is not None and old is not engine and getattr(getattr(old, "impl", None), "isolated", False):
+        if old is not None and old is not engine and getattr(old, "isolated", False):
             threading.Thread(target=old.close, name="sonomaly-engine-close", daemon=True).start()
 
     def set_ai_max_fps(self, fps: float | None) -> None:

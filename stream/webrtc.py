@@ -371,7 +371,8 @@ class WebRTCServer:
                 # per viewer: how long after it subscribed its first keyframe went out (shared encoder)
                 "first_keyframe_ms": sorted(round(v.track.first_keyframe_s * 1000, 1) for v in self.viewers
                                             if getattr(v.track, "first_keyframe_s", None) is not None),
-                **({"encoder": self.encoder.stats(), "fanout": self.fanout_stats()} if self.encoder is not None else {})}
+                **({"encoder": self.encoder.stats(), "fanout": self.fanout_stats()}
+                   if self.encoder is not None else {})}
 
     def fanout_stats(self) -> dict:
         """How the shared encoder's packets reach the viewers: ``pass`` (one pass per frame, ``stream.fanout``) or

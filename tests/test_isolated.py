@@ -116,6 +116,26 @@ def test_an_engine_error_comes_back_as_an_error_and_the_process_lives(isolated):
     isolated.infer(_x(isolated.card))
 
 
+def test_the_engine_process_ends_when_its_server_is_killed(lung_model):
+    # a server that dies without closing anything (SIGKILL): the engine process sees its socket close and exits
+    code = ("import sys; from sonomaly import engines; "
+            f"e = engines.load({str(lung_model)!r}, backend='onnxruntime', process=True, threads=1, spin=False); "
+            "print(e.impl.pid, flush=True); sys.stdin.read()")
+    server = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(server.stdout.readline())
+        assert not _gone(child)
+        server.kill()
+        server.wait(10)
+        deadline = time.monotonic() + 5.0
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(child) or open(f"/proc/{child}/stat").read().split(")")[1].split()[0] == "Z"
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
 def test_the_engine_process_takes_the_ai_nice_value(lung_model):
     eng = engines.load(lung_model, backend="onnxruntime", process={"nice": 7}, **LIVE)
     try:

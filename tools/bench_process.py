@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sonomaly.tools.machine import cpu_fields, cpu_label, memory_gib
+from sonomaly.tools.machine import cpu_fields, cpu_label, memory_gib, process_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,11 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds, the two engines in turn (default 3)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--md", default=None, help="also write a Markdown table here")
-
-
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def bench_model(model_dir: Path, iters: int, rounds: int) -> dict:
@@ -53,12 +48,12 @@ def bench_model(model_dir: Path, iters: int, rounds: int) -> dict:
         for _ in range(rounds):
             for name, eng in (("in_process", local), ("own_process", remote)):
                 pid = getattr(eng.impl, "pid", None)
-                c0 = time.process_time() + (_proc_cpu_s(pid) if pid else 0.0)
+                c0 = time.process_time() + (process_cpu_s(pid) if pid else 0.0)
                 for _ in range(iters):
                     t = time.perf_counter()
                     eng.infer(x)
                     times[name].append((time.perf_counter() - t) * 1e3)
-                cpu[name] += time.process_time() + (_proc_cpu_s(pid) if pid else 0.0) - c0
+                cpu[name] += time.process_time() + (process_cpu_s(pid) if pid else 0.0) - c0
         out = {"model": card.name, "dir": str(model_dir), "input": [1, card.input.channels, *card.input_size],
                "input_kib": round(x.nbytes / 1024, 1), "identical_outputs": same}
         for name, ts in times.items():

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sonomaly.tools.machine import cpu_fields, cpu_label
+from sonomaly.tools.machine import cpu_fields, cpu_label, process_cpu_s
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CLIP = REPO / "data" / "demo" / "lung_convex_covid_blines_01.mp4"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,11 +103,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-
-
 def _latencies(arrivals: list[tuple[int, int]], captures: list[int]) -> np.ndarray:
     """Match RTP timestamps (random origin) to capture times: the offset is the mode of the differences."""
     if not arrivals or not captures:
@@ -165,10 +159,10 @@ def run_point(mode: str, n: int, args) -> dict:
             loop = asyncio.get_running_loop()
             h0 = await loop.run_in_executor(None, _get, url + "/health")
             marks = [len(a.items) for a in _Arrivals.registry]
-            cpu0, t0, t0_ns = _cpu_s(proc.pid), time.monotonic(), time.monotonic_ns()
+            cpu0, t0, t0_ns = process_cpu_s(proc.pid), time.monotonic(), time.monotonic_ns()
             c0 = time.process_time()
             await asyncio.sleep(args.seconds)
-            cpu1, t1 = _cpu_s(proc.pid), time.monotonic()
+            cpu1, t1 = process_cpu_s(proc.pid), time.monotonic()
             c1 = time.process_time()
             h1 = await loop.run_in_executor(None, _get, url + "/health")
             recs = await loop.run_in_executor(None, _get, url + "/api/records?limit=10000")

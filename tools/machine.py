@@ -55,6 +55,12 @@ def cpu_label(machine: dict, key: str = "cpu") -> str:
     return f"{name} ({ident})" if ident else str(name)
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds a process has used so far (user + system, from ``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def memory_gib() -> float | None:
     """Physical memory in GiB (one decimal), or None where sysconf cannot tell."""
     try:
