@@ -401,3 +401,45 @@ def test_a_clock_step_during_the_run_voids_it():
     stepped = dict(good, offset_end=838.0, cross_check=-419.0)
     assert "disagree" in clock_problem({"server_offset_spread_us": 3.2}, [stepped])
     assert "moved" in clock_problem({"server_offset_spread_us": None}, [dict(good, offset_end=9.0)])
+
+
+def test_sfu_runs_are_compared_with_their_own_and_with_one_direct_viewer():
+    """--via direct,janus: runs through Janus form a group of their own (N over 1 through the SFU), and each is also
+    divided by the 1-viewer run straight from the server (the same command's direct twin)."""
+    def run(n, p99, via=None, to_comp=None):
+        return {"server": "sonomaly", "viewer": "chromium", "viewers": n, "seconds": 30.0,
+                "label": "sonomaly" + (" via janus" if via else ""), "health": {"model": "lung"},
+                "reader": "videoframe", "chromium_layout": "page",
+                "glass_to_glass_ms": {"n": 100, "p50": p99 / 2, "p99": p99},
+                **({"via": via} if via else {}), "to_compositor_ms": {"n": 100, "p99": to_comp or p99 / 2}}
+
+    c = latency.comparisons([run(1, 50.0, to_comp=20.0), run(1, 40.0, "janus", 22.0), run(8, 100.0, to_comp=60.0),
+                             run(8, 44.0, "janus", 24.0)])
+    assert c["sonomaly_8_over_1_viewer_p99"] == 2.0 and c["sonomaly_8_over_1_viewer_to_compositor_p99"] == 3.0
+    j = "chromium_30s_videoframe_onepage_via-janus_sonomaly_"
+    assert c[j + "8_over_1_viewer_p99"] == 1.1
+    assert c[j + "8_over_direct_1_viewer_p99"] == 0.88 and c[j + "8_over_direct_1_viewer_to_compositor_p99"] == 1.2
+    assert c[j + "1_over_direct_1_viewer_p99"] == 0.8
+    # a direct run never divides by a run through the SFU
+    assert not any("over_direct" in k for k in c if "via-janus" not in k)
+    # without a direct 1-viewer run there is no cross ratio; a first group through the SFU still says so
+    c2 = latency.comparisons([run(1, 40.0, "janus"), run(8, 44.0, "janus")])
+    assert c2 == {"via-janus_sonomaly_8_over_1_viewer_p99": 1.1,
+                  "via-janus_sonomaly_8_over_1_viewer_to_compositor_p99": 1.1}
+    # SFU runs first (--via janus,direct): the direct runs' names then carry their group, never "via-janus"
+    c3 = latency.comparisons([run(1, 40.0, "janus"), run(1, 50.0), run(8, 44.0, "janus"), run(8, 100.0)])
+    assert c3["via-janus_sonomaly_8_over_direct_1_viewer_p99"] == 0.88
+    assert c3["chromium_30s_videoframe_onepage_sonomaly_8_over_1_viewer_p99"] == 2.0
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--url", "http://127.0.0.1:9", "--via", "janus"], "needs --serve"),
+    (["--serve", "x.mp4", "--via", "janus", "--viewer", "aiortc"], "Chromium"),
+    (["--serve", "x.mp4", "--via", "janus", "--baseline", "naive"], "WHIP"),
+    (["--serve", "x.mp4", "--via", "sfu"], "--via"),
+    (["--serve", "x.mp4", "--via", "direct,direct"], "--via"),
+    (["--serve", "x.mp4", "--via", "janus", "--janus-threads", "-1"], "janus-threads"),
+])
+def test_via_janus_refuses_what_it_cannot_measure(args, why, capsys):
+    assert cli.main(["latency", *args, "--quiet"]) == 2
+    assert why in capsys.readouterr().err

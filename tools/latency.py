@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -61,6 +62,7 @@ CHROMIUM_ARGS = [
 ]
 HARNESS_PATH = "/__sonomaly_latency__"
 CHROMIUM_LAYOUTS = ("contexts", "page")
+VIAS = ("direct", "janus")  # how viewers get the stream: from the server, or through a local Janus SFU
 SERIAL_STAGES = {
     # stages on the path of the frame from capture to the encoder, in order
     "sonomaly": ("grab", "ai_wait", "overlay"),
@@ -128,9 +130,10 @@ class CpuMonitor:
     """How busy the machine was during a run, and how much of that was this harness and the processes it started
     (server, Chromium...): the rest is other work on the machine, which the numbers then include (Linux /proc)."""
 
-    def __init__(self, server_pid: int | None = None) -> None:
+    def __init__(self, server_pid: int | None = None, sfu_pids: tuple[int, ...] = ()) -> None:
         self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.server_pid = server_pid
+        self.sfu_pids = tuple(sfu_pids)
         self._t0 = self._busy0 = None
         self._ours0: dict[int, tuple[int, str]] = {}
 
@@ -145,7 +148,8 @@ class CpuMonitor:
 
     def _ours(self) -> dict[int, tuple[int, str]]:
         """CPU ticks of this process and all its descendants, by pid, with their part: "server" (the server under
-        test's process tree), "harness" (this process) or "viewers" (everything else it started: Chromium...)."""
+        test's process tree), "sfu" (the SFU's processes, ``--via janus``), "harness" (this process) or "viewers"
+        (everything else it started: Chromium...)."""
         stats: dict[int, tuple[int, int]] = {}
         for d in Path("/proc").iterdir():
             if not d.name.isdigit():
@@ -171,9 +175,11 @@ class CpuMonitor:
             return out
 
         server = tree(self.server_pid) if self.server_pid in stats else set()
+        sfu = set().union(*(tree(p) for p in self.sfu_pids if p in stats))
         me = os.getpid()
-        return {pid: (stats[pid][1], "server" if pid in server else "harness" if pid == me else "viewers")
-                for pid in tree(me) | server if pid in stats}
+        return {pid: (stats[pid][1], "server" if pid in server else "sfu" if pid in sfu else
+                      "harness" if pid == me else "viewers")
+                for pid in tree(me) | server | sfu if pid in stats}
 
     def start(self) -> "CpuMonitor":
         self._t0, self._busy0, self._ours0 = time.monotonic(), self._machine_busy(), self._ours()
@@ -184,7 +190,7 @@ class CpuMonitor:
         dt = time.monotonic() - self._t0
         if busy1 is None or self._busy0 is None or dt <= 0:
             return {}
-        parts = {"server": 0, "viewers": 0, "harness": 0}
+        parts = {"server": 0, "viewers": 0, "harness": 0, "sfu": 0}
         for pid, (t, part) in ours1.items():
             parts[part] += t - self._ours0.get(pid, (0, part))[0]
         ours = sum(parts.values())
@@ -196,6 +202,8 @@ class CpuMonitor:
         if self.server_pid is not None:
             out.update(server_pct=pct(parts["server"]), viewers_pct=pct(parts["viewers"]),
                        harness_pct=pct(parts["harness"]))
+        if self.sfu_pids:
+            out["sfu_pct"] = pct(parts["sfu"])
         return out
 
 
@@ -410,19 +418,13 @@ function makeHarness(video) {
     video.requestVideoFrameCallback(onFrame);
   }
   video.requestVideoFrameCallback(onFrame);
-  h.start = async (codec, how) => {
+  function newPc(how) {
     if (how) reader = how;
     pc = new RTCPeerConnection({ iceServers: [] });
-    const tr = pc.addTransceiver("video", { direction: "recvonly" });
-    if (codec) {
-      const all = RTCRtpReceiver.getCapabilities("video").codecs;
-      const want = all.filter(c => c.mimeType.toLowerCase() === "video/" + codec.toLowerCase());
-      if (!want.length) throw new Error("codec not supported by this browser: " + codec);
-      tr.setCodecPreferences([...want, ...all.filter(c => !want.includes(c))]);
-    }
     pc.ontrack = ev => { video.srcObject = ev.streams[0] || new MediaStream([ev.track]); };
     pc.onconnectionstatechange = () => { h.state = pc.connectionState; };
-    await pc.setLocalDescription(await pc.createOffer());
+  }
+  async function gathered() {  // no trickle: the description goes out with every candidate in it
     if (pc.iceGatheringState !== "complete") {
       await new Promise(resolve => {
         const t = setTimeout(resolve, 3000);
@@ -431,11 +433,32 @@ function makeHarness(video) {
         });
       });
     }
+    return { sdp: pc.localDescription.sdp, type: pc.localDescription.type };
+  }
+  // direct: this viewer offers to the server under test (POST /offer), as the viewer page does
+  h.start = async (codec, how) => {
+    newPc(how);
+    const tr = pc.addTransceiver("video", { direction: "recvonly" });
+    if (codec) {
+      const all = RTCRtpReceiver.getCapabilities("video").codecs;
+      const want = all.filter(c => c.mimeType.toLowerCase() === "video/" + codec.toLowerCase());
+      if (!want.length) throw new Error("codec not supported by this browser: " + codec);
+      tr.setCodecPreferences([...want, ...all.filter(c => !want.includes(c))]);
+    }
+    await pc.setLocalDescription(await pc.createOffer());
+    const offer = await gathered();
     const res = await fetch("/offer", { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }) });
+      body: JSON.stringify(offer) });
     if (!res.ok) throw new Error("offer rejected: " + res.status + " " + await res.text());
     await pc.setRemoteDescription(await res.json());
     return true;
+  };
+  // through an SFU: the SFU offers (its codec is the publisher's), this viewer answers
+  h.answer = async (offer, how) => {
+    newPc(how);
+    await pc.setRemoteDescription(offer);
+    await pc.setLocalDescription(await pc.createAnswer());
+    return await gathered();
   };
   h.take = () => { const out = { samples: h.samples, unreadable: h.unreadable, damaged: h.damaged,
                                  callbacks: h.callbacks, error: h.error, state: h.state, reader: h.reader,
@@ -521,15 +544,16 @@ class Window:
     """The measurement window on the server's monotonic clock, fixed once every viewer shows frames; it also watches
     the machine's CPU over the window (while every process it started is still alive to be counted)."""
 
-    def __init__(self, server_pid: int | None = None) -> None:
+    def __init__(self, server_pid: int | None = None, sfu_pids: tuple[int, ...] = ()) -> None:
         self.t0_ns: int | None = None
         self.t1_ns: int | None = None
         self.cpu: dict[str, Any] = {}
         self.server_pid = server_pid
+        self.sfu_pids = sfu_pids
         self._monitor: CpuMonitor | None = None
 
     def begin(self) -> None:
-        self._monitor = CpuMonitor(self.server_pid).start()
+        self._monitor = CpuMonitor(self.server_pid, self.sfu_pids).start()
         self.t0_ns = time.monotonic_ns()
 
     def end(self) -> None:
@@ -549,19 +573,21 @@ def _progress(msg: str, quiet: bool) -> None:
 
 def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
                      quiet: bool = False, connect_timeout: float = 40.0, browser=None,
-                     reader: str = "videoframe", layout: str = "contexts") -> list[ViewerData]:
+                     reader: str = "videoframe", layout: str = "contexts", sfu=None) -> list[ViewerData]:
     """Open ``n`` headless Chromium viewers on ``url``; collect ``seconds`` after ``warmup``.
 
     ``browser``: a Playwright ``Browser`` to use (its own contexts are opened and closed here); default: launch
     Debian's Chromium with :data:`CHROMIUM_ARGS`. ``layout``: "contexts" (default), each viewer in a browser context
     and page of its own (its own renderer process, as separate displays would be); "page", all ``n`` viewers as
     ``<video>`` elements of one page (each its own RTCPeerConnection and decoder; one renderer and compositor for
-    all: a lighter instrument on a machine that also runs the server)."""
+    all: a lighter instrument on a machine that also runs the server). ``sfu``: a running :class:`~sonomaly.tools.sfu.Janus`
+    that the server publishes to; each viewer then subscribes through it (Janus offers, the viewer answers) instead
+    of offering to ``url`` (which still serves the harness page); ``codec`` is then the publisher's."""
     if layout not in CHROMIUM_LAYOUTS:
         raise ValueError(f"unknown Chromium layout {layout!r} (one of {', '.join(CHROMIUM_LAYOUTS)})")
     if browser is not None:
         return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader,
-                                 layout)
+                                 layout, sfu)
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -570,7 +596,7 @@ def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Wi
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader,
-                                     layout)
+                                     layout, sfu)
         finally:
             browser.close()
 
@@ -586,10 +612,11 @@ def _open_page(browser, url: str, width: int, height: int, contexts: list):
 
 
 def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout,
-                      reader, layout) -> list[ViewerData]:
+                      reader, layout, sfu=None) -> list[ViewerData]:
     url = url.rstrip("/")
     viewers = [ViewerData("chromium", i) for i in range(n)]
     contexts: list = []
+    subscriptions: list = []
     try:
         handles = []  # (page, the viewer's harness object in it)
         shared = None
@@ -599,7 +626,13 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
         for i in range(n):
             page = shared or _open_page(browser, url, 640, 520, contexts)
             ref = f"window.hs[{page.evaluate('window.addViewer()') if shared and i else 0}]"
-            page.evaluate(f"([codec, reader]) => {ref}.start(codec, reader)", [codec, reader])
+            if sfu is None:
+                page.evaluate(f"([codec, reader]) => {ref}.start(codec, reader)", [codec, reader])
+            else:
+                sub = sfu.subscribe()
+                subscriptions.append(sub)
+                answer = page.evaluate(f"([offer, reader]) => {ref}.answer(offer, reader)", [sub.offer, reader])
+                sfu.start_subscription(sub, answer)
             handles.append((page, ref))
         deadline = time.monotonic() + connect_timeout
         while any(page.evaluate(f"{ref}.samples.length") == 0 for page, ref in handles):
@@ -667,6 +700,8 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
     finally:
         for ctx in contexts:
             ctx.close()
+        for sub in subscriptions:
+            sfu.destroy(sub.session)
     return viewers
 
 
@@ -781,11 +816,24 @@ def _aiortc_process(url: str, codec: str | None, conn, connect_timeout: float) -
         conn.send(("data", v.samples, v.unreadable, v.damaged))
 
 
-def _load_process(url: str, n: int, conn, connect_timeout: float) -> None:
+async def _janus_load_session(client, sub):
+    """An aiortc session that answers Janus's subscriber offer (``sub``, a :class:`~sonomaly.tools.sfu.Subscription`)."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=sub.offer["sdp"], type=sub.offer["type"]))
+    await pc.setLocalDescription(await pc.createAnswer())
+    answer = {"type": "answer", "sdp": pc.localDescription.sdp}
+    await asyncio.get_running_loop().run_in_executor(None, client.start_subscription, sub, answer)
+    return pc
+
+
+def _load_process(url: str, n: int, conn, connect_timeout: float, janus_api: str | None = None) -> None:
     """``n`` load sessions in one process: real aiortc peer connections that receive the stream (ICE, DTLS, SRTP,
     RTCP, the jitter buffer) but do not decode it (``bench_viewers``'s stub decoder notes when each complete frame
     leaves the jitter buffer). Says "ready" once every session has a frame; on "stop" sends each one's arrival
-    times (host monotonic ns)."""
+    times (host monotonic ns). ``janus_api``: the sessions subscribe through that Janus instead of offering to
+    ``url``."""
     import logging
 
     from sonomaly.tools import bench_viewers as bv
@@ -794,8 +842,20 @@ def _load_process(url: str, n: int, conn, connect_timeout: float) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     bv._install_stub_decoder()
 
+    client = None
+    if janus_api:
+        from sonomaly.tools.sfu import JanusAPI
+
+        client = JanusAPI(janus_api)
+        client.keep_alive()
+
     async def main() -> None:
-        pcs = [await bv._viewer(url, None) for _ in range(n)]
+        loop = asyncio.get_running_loop()
+        if client is None:
+            pcs = [await bv._viewer(url, None) for _ in range(n)]
+        else:
+            pcs = [await _janus_load_session(client, await loop.run_in_executor(None, client.subscribe))
+                   for _ in range(n)]
         try:
             deadline = time.monotonic() + connect_timeout
             while len(bv._Arrivals.registry) < n or not all(a.items for a in bv._Arrivals.registry):
@@ -803,10 +863,12 @@ def _load_process(url: str, n: int, conn, connect_timeout: float) -> None:
                     raise RuntimeError(f"{n} load sessions: not all receive frames after {connect_timeout:.0f} s")
                 await asyncio.sleep(0.1)
             conn.send("ready")
-            await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+            await loop.run_in_executor(None, conn.recv)  # "stop"
             conn.send(("data", [[t for t, _ in a.items] for a in bv._Arrivals.registry]))
         finally:
             await asyncio.gather(*(pc.close() for pc in pcs), return_exceptions=True)
+            if client is not None:
+                client.close()
 
     run_child(main, conn)
 
@@ -815,10 +877,12 @@ class LoadViewers:
     """``n`` extra sessions on the server under test while the measured viewers run (``--load-viewers``), in one
     process of the harness's: they make the server serve ``n`` more viewers (packetising, SRTP, sending, RTCP) at a
     small fraction of the CPU that decoding and painting viewers take on the same machine. What they receive is
-    counted (``summary``), so a session that got nothing cannot pass for load."""
+    counted (``summary``), so a session that got nothing cannot pass for load. ``janus_api``: the sessions subscribe
+    through that Janus (``--via janus``), so they load the SFU, not the server."""
 
-    def __init__(self, url: str, n: int, connect_timeout: float = 40.0) -> None:
+    def __init__(self, url: str, n: int, connect_timeout: float = 40.0, janus_api: str | None = None) -> None:
         self.url, self.n, self.connect_timeout = url.rstrip("/"), n, connect_timeout
+        self.janus_api = janus_api
         self._proc = self._conn = None
         self.arrivals: list[list[int]] = []
 
@@ -829,8 +893,8 @@ class LoadViewers:
 
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_load_process, args=(self.url, self.n, child, self.connect_timeout),
-                                 daemon=True)
+        self._proc = ctx.Process(target=_load_process, args=(self.url, self.n, child, self.connect_timeout,
+                                                             self.janus_api), daemon=True)
         self._proc.start()
         if not self._conn.poll(self.connect_timeout + 30):
             self.__exit__()
@@ -864,7 +928,7 @@ class LoadViewers:
         """Frames each load session received inside the measurement window, as a rate."""
         secs = window.seconds
         fps = [sum(1 for t in a if window.t0_ns <= t <= window.t1_ns) / secs for a in self.arrivals] if secs else []
-        return {"n": self.n, "received": len(self.arrivals),
+        return {"n": self.n, "received": len(self.arrivals), **({"via": "janus"} if self.janus_api else {}),
                 "fps_min": round(min(fps), 2) if fps else None, "fps_mean": round(float(np.mean(fps)), 2) if fps else None}
 
 
@@ -1165,7 +1229,7 @@ def drift_summary(windows: list[dict[str, Any]], ws: float) -> dict[str, Any] | 
 def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1, seconds: float = 10.0,
             warmup: float = 3.0, codec: str | None = None, budget_ms: float = 200.0, window_s: float | None = None,
             quiet: bool = False, browser=None, server_pid: int | None = None,
-            reader: str = "videoframe", load_viewers: int = 0, layout: str = "contexts") -> dict[str, Any]:
+            reader: str = "videoframe", load_viewers: int = 0, layout: str = "contexts", sfu=None) -> dict[str, Any]:
     """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run.
 
     ``server`` names the kind of server ("sonomaly" or "naive": which stages are on the frame's path); ``browser``
@@ -1175,19 +1239,22 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
     "canvas" where a frame cannot be read so; "canvas": RGBA pixels of a 2D canvas, the earlier way);
     ``load_viewers`` extra sessions that receive the stream without decoding it (:class:`LoadViewers`), connected
     before the measured viewers and held until their window ends; ``layout`` where the Chromium viewers live (a
-    browser context each, or all in one page: :func:`collect_chromium`)."""
+    browser context each, or all in one page: :func:`collect_chromium`); ``sfu`` a running
+    :class:`~sonomaly.tools.sfu.Janus` the server publishes to, through which the Chromium viewers subscribe."""
     url = url.rstrip("/")
+    if sfu is not None and viewer != "chromium":
+        raise ValueError("viewers through an SFU are Chromium viewers only")
     health0 = get_json(url + "/health")
     poller = RecordPoller(url).start()
-    window = Window(server_pid)
-    load = LoadViewers(url, load_viewers)
+    window = Window(server_pid, tuple(p.pid for p in sfu.procs) if sfu is not None else ())
+    load = LoadViewers(url, load_viewers, janus_api=sfu.api if sfu is not None else None)
     try:
         if load_viewers:
             _progress(f"  {load_viewers} load session(s) connecting", quiet)
         load.__enter__()
         if viewer == "chromium":
             data = collect_chromium(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet, browser=browser,
-                                    reader=reader, layout=layout)
+                                    reader=reader, layout=layout, sfu=sfu)
         elif viewer == "aiortc":
             data = collect_aiortc(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet)
         else:
@@ -1218,11 +1285,14 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
         if checks:
             result["reader_cross_check"] = {k: sum(c[k] for c in checks) for k in ("frames", "disagreed")}
         result["chromium_layout"] = layout
+    if sfu is not None:
+        result["via"] = "janus"
+        result["sfu"] = {"kind": "janus", "version": sfu.version(), "threads": sfu.threads}
     result["cpu"] = window.cpu
     result["codec"] = codec or "default (offer order)"
     result["health"] = {k: health1.get(k) for k in ("model", "backend", "frames_in", "frames_out", "frames_dropped",
                                                     "fps_out", "ai", "ai_frames", "overflow_drops", "viewers",
-                                                    "encode", "fanout")
+                                                    "encode", "fanout", "whip")
                         if k in health1}
     if "frames_dropped" in health0 and "frames_dropped" in health1:
         result["health"]["frames_dropped_during_run"] = health1["frames_dropped"] - health0["frames_dropped"]
@@ -1315,15 +1385,20 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
     The first run's group has the plain names
     (``naive_over_sonomaly_1_viewers``); every other group's names start with what sets it apart
     (e.g. ``aiortc_20s_``, ``chromium_30s_nomodel_``, ``chromium_30s_videoframe_``,
-    ``chromium_30s_videoframe_onepage_``)."""
+    ``chromium_30s_videoframe_onepage_``). Runs through an SFU (label ``… via janus``) always carry ``via-janus`` in
+    their names (``via-janus_`` when theirs is the first group) and are also divided by the 1-viewer run of their
+    direct twin group (``…via-janus_sonomaly_8_over_direct_1_viewer_p99``): N viewers through the SFU against one
+    viewer straight from the server."""
     out: dict[str, Any] = {}
     groups: dict[tuple, dict[tuple, dict]] = {}
     for r in runs:
         if r["glass_to_glass_ms"].get("n"):
             groups.setdefault(_comparison_group(r), {}).setdefault((r["server"], r["viewers"], _load(r)), r)
+    prefixes: dict[tuple, str] = {}
     for i, (group, by) in enumerate(groups.items()):
         viewer, tens, label, has_model, reader, layout = group
-        prefix = "" if i == 0 else "_".join(
+        via_sfu = bool(re.search(r"(^|\s)via janus$", label))
+        prefix = prefixes[group] = ("via-janus_" if via_sfu else "") if i == 0 else "_".join(
             [viewer, f"{tens * 10}s", *([] if has_model else ["nomodel"]),
              *([reader] if reader not in (None, "canvas") else []),
              *(["onepage"] if layout == "page" else []),
@@ -1341,6 +1416,22 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
                 tc, tc1 = (x.get("to_compositor_ms") or {} for x in (r, by[(server, 1, 0)]))
                 if tc.get("p99") and tc1.get("p99"):  # the same without the display's refresh phase
                     out[f"{prefix}{server}_{nm}_over_1_viewer_to_compositor_p99"] = round(tc["p99"] / tc1["p99"], 3)
+    for group, by in groups.items():  # through the SFU against one viewer straight from the server
+        viewer, tens, label, has_model, reader, layout = group
+        if not re.search(r"(^|\s)via janus$", label):
+            continue
+        twin = (viewer, tens, re.sub(r"\s*via janus$", "", label), has_model, reader, layout)
+        one = groups.get(twin, {}).get(("sonomaly", 1, 0))
+        if one is None:
+            continue
+        for (server, n, m), r in sorted(by.items()):
+            if server != "sonomaly":
+                continue
+            key = f"{prefixes[group]}sonomaly_{f'{n}+{m}load' if m else n}_over_direct_1_viewer"
+            out[f"{key}_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["glass_to_glass_ms"]["p99"], 3)
+            tc, tc1 = (x.get("to_compositor_ms") or {} for x in (r, one))
+            if tc.get("p99") and tc1.get("p99"):
+                out[f"{key}_to_compositor_p99"] = round(tc["p99"] / tc1["p99"], 3)
     return out
 
 
@@ -1574,6 +1665,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--load-viewers", type=int, default=0, metavar="M",
                    help="M more sessions during each run that receive the stream but do not decode it (aiortc, one "
                         "process): the server serves viewers + M while only the measured viewers decode and paint")
+    p.add_argument("--via", default="direct", metavar="direct|janus[,…]",
+                   help="how the Chromium viewers get the stream (with --serve): direct (default; each viewer "
+                        "connects to the server) or janus (the server publishes once over WHIP to a local Janus SFU, "
+                        "`make janus`, and every viewer subscribes through it); a list such as direct,janus measures "
+                        "both for every viewer count, one after the other")
+    p.add_argument("--janus-threads", type=int, default=0, metavar="N",
+                   help="relay helper threads of the Janus room (its `threads` option; default 0: the publisher's "
+                        "own thread forwards to every subscriber)")
     p.add_argument("--budget-ms", type=float, default=200.0, help="p99 budget; exit status 1 when exceeded")
     p.add_argument("--baseline", choices=["naive"], default=None,
                    help="also measure the naive aiortc integration (tools/naive.py) on the same source and model "
@@ -1647,23 +1746,41 @@ def run(args) -> int:
         print("sonomaly latency: --baseline needs --serve (the baseline runs on the same source and model)",
               file=sys.stderr)
         return 2
+    vias = [v.strip() for v in str(args.via).split(",") if v.strip()]
+    if not vias or any(v not in VIAS for v in vias) or len(set(vias)) != len(vias):
+        print(f"sonomaly latency: --via: a list of {', '.join(VIAS)}, not {args.via!r}", file=sys.stderr)
+        return 2
+    if args.janus_threads < 0:
+        print("sonomaly latency: --janus-threads must be 0 or more", file=sys.stderr)
+        return 2
+    if "janus" in vias:
+        from sonomaly.tools import sfu as sfu_mod
+
+        why = ("it starts the server with --whip" if not args.serve else
+               "only Chromium viewers subscribe through Janus" if args.viewer != "chromium" else
+               "the naive baseline has no WHIP publisher" if args.baseline else sfu_mod.missing())
+        if why:
+            print(f"sonomaly latency: --via janus needs --serve, Chromium viewers and no --baseline: {why}",
+                  file=sys.stderr)
+            return 2
     report: dict[str, Any] = {"tool": "sonomaly latency", "format": 1,
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
                               "config": {k: getattr(args, k) for k in ("url", "serve", "model", "fps", "viewer",
                                                                        "viewers", "seconds", "warmup", "codec",
                                                                        "budget_ms", "baseline", "serve_arg",
                                                                        "window_s", "reader", "load_viewers",
-                                                                       "chromium_layout")},
+                                                                       "chromium_layout", "via", "janus_threads")},
                               "runs": []}
-    servers = ["sonomaly"] + ([args.baseline] if args.baseline else [])
+    servers = [("sonomaly", via) for via in vias] + ([(args.baseline, "direct")] if args.baseline else [])
     source = stamped(args.serve, args.fps) if args.serve else None
     if source:
         report["config"]["source_uri"] = source
     failed = False
     for n in counts:
-        for server in servers:
+        for server, via in servers:
             load = f" + {args.load_viewers} load session(s)" if args.load_viewers else ""
-            _progress(f"{server}: {n} {args.viewer} viewer(s){load}, {args.seconds:g} s", args.quiet)
+            through = " through Janus" if via == "janus" else ""
+            _progress(f"{server}: {n} {args.viewer} viewer(s){through}{load}, {args.seconds:g} s", args.quiet)
             try:
                 if args.url:
                     run_ = measure(args.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
@@ -1674,17 +1791,25 @@ def run(args) -> int:
                     extra = list(args.serve_arg) if server == "sonomaly" else []
                     if server == "sonomaly" and args.codec and "--codec" not in " ".join(extra):
                         extra += ["--codec", args.codec]  # the server's shared encoder decides the codec
-                    with ServerProcess(server, source, args.model, extra=extra) as srv:
+                    with contextlib.ExitStack() as stack:
+                        sfu = None
+                        if via == "janus":
+                            from sonomaly.tools.sfu import Janus
+
+                            sfu = stack.enter_context(Janus(threads=args.janus_threads))
+                            extra += ["--whip", sfu.whip_url, "--whip-token", sfu.token]
+                        srv = stack.enter_context(ServerProcess(server, source, args.model, extra=extra))
                         run_ = measure(srv.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                        warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
                                        window_s=args.window_s, quiet=args.quiet, server_pid=srv.proc.pid,
                                        reader=args.reader, load_viewers=args.load_viewers,
-                                       layout=args.chromium_layout)
+                                       layout=args.chromium_layout, sfu=sfu)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
                 print(f"sonomaly latency: {server} with {n} viewer(s) failed: {exc}", file=sys.stderr)
                 failed = True
                 continue
-            run_["label"] = " ".join([server, *(args.serve_arg if server == "sonomaly" else [])])
+            run_["label"] = " ".join([server, *(args.serve_arg if server == "sonomaly" else []),
+                                      *(["via janus"] if via == "janus" else [])])
             report["runs"].append(run_)
             if not args.quiet:
                 g = run_["glass_to_glass_ms"]
