@@ -1369,6 +1369,13 @@ def _comparison_group(r: dict) -> tuple:
     return r["viewer"], round(float(r.get("seconds") or 0) / 10), label, has_model, reader, layout
 
 
+_VIA_SFU = re.compile(r"(^|\s*)via janus$")  # how a run label says its viewers came through the SFU
+
+
+def _via_sfu(label: str) -> bool:
+    return bool(_VIA_SFU.search(label))
+
+
 def _load(r: dict) -> int:
     """Load sessions beside the measured viewers in a run (``--load-viewers``), 0 for runs without (or before)."""
     return int((r.get("load_viewers") or {}).get("n", 0))
@@ -1397,8 +1404,7 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
     prefixes: dict[tuple, str] = {}
     for i, (group, by) in enumerate(groups.items()):
         viewer, tens, label, has_model, reader, layout = group
-        via_sfu = bool(re.search(r"(^|\s)via janus$", label))
-        prefix = prefixes[group] = ("via-janus_" if via_sfu else "") if i == 0 else "_".join(
+        prefix = prefixes[group] = ("via-janus_" if _via_sfu(label) else "") if i == 0 else "_".join(
             [viewer, f"{tens * 10}s", *([] if has_model else ["nomodel"]),
              *([reader] if reader not in (None, "canvas") else []),
              *(["onepage"] if layout == "page" else []),
@@ -1418,9 +1424,9 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
                     out[f"{prefix}{server}_{nm}_over_1_viewer_to_compositor_p99"] = round(tc["p99"] / tc1["p99"], 3)
     for group, by in groups.items():  # through the SFU against one viewer straight from the server
         viewer, tens, label, has_model, reader, layout = group
-        if not re.search(r"(^|\s)via janus$", label):
+        if not _via_sfu(label):
             continue
-        twin = (viewer, tens, re.sub(r"\s*via janus$", "", label), has_model, reader, layout)
+        twin = (viewer, tens, _VIA_SFU.sub("", label), has_model, reader, layout)
         one = groups.get(twin, {}).get(("sonomaly", 1, 0))
         if one is None:
             continue
