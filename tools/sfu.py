@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -250,16 +251,30 @@ class Janus(JanusAPI):
 
     def stop(self) -> None:
         self.close()
+        self._end_processes()
+        self._tmp.cleanup()
+
+    def _end_processes(self, sig: int = signal.SIGTERM) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
-                p.terminate()
+                p.send_signal(sig)
                 try:
                     p.wait(5)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(5)
         self.procs.clear()
-        self._tmp.cleanup()
+
+    def crash(self) -> None:
+        """Kill Janus and the WHIP server at once (SIGKILL: no goodbye to anyone), keeping their ports and folder."""
+        with self._lock:
+            self._sessions.clear()
+        self._end_processes(signal.SIGKILL)
+
+    def restart(self) -> None:
+        """Start Janus and the WHIP server again on the same ports (after :meth:`crash`), the endpoint created anew."""
+        self._end_processes()
+        self.start()
 
     def log(self, name: str) -> str:
         f = self.dir / f"{'whip' if name in ('whip', 'node') else 'janus'}.log"
@@ -268,10 +283,13 @@ class Janus(JanusAPI):
     def _start_janus(self) -> subprocess.Popen:
         tmp = self.dir
         for sub in ("plugins", "transports", "events", "loggers"):
-            (tmp / sub).mkdir()
-        os.symlink(JANUS_LIB / "plugins" / "libjanus_videoroom.so", tmp / "plugins" / "libjanus_videoroom.so")
-        for t in ("libjanus_http.so", "libjanus_websockets.so"):
-            os.symlink(JANUS_LIB / "transports" / t, tmp / "transports" / t)
+            (tmp / sub).mkdir(exist_ok=True)
+        links = [(JANUS_LIB / "plugins" / "libjanus_videoroom.so", tmp / "plugins" / "libjanus_videoroom.so")]
+        links += [(JANUS_LIB / "transports" / t, tmp / "transports" / t)
+                  for t in ("libjanus_http.so", "libjanus_websockets.so")]
+        for target, link in links:
+            if not link.exists():
+                os.symlink(target, link)
         (tmp / "janus.jcfg").write_text(f"""
 general: {{
   configs_folder = "{tmp}"
@@ -309,11 +327,11 @@ room-{ROOM}: {{
 }}
 """)
         return subprocess.Popen(["janus", "-F", str(tmp), "-C", str(tmp / "janus.jcfg")],
-                                stdout=open(tmp / "janus.log", "w"), stderr=subprocess.STDOUT)
+                                stdout=open(tmp / "janus.log", "a"), stderr=subprocess.STDOUT)
 
     def _start_whip_server(self) -> subprocess.Popen:
         src = self.dir / "whip" / "src"
-        src.mkdir(parents=True)
+        src.mkdir(parents=True, exist_ok=True)
         for f in ("server.js", "whip-janus.js"):
             text = (WHIP_APP / "src" / f).read_text()
             if f == "server.js":  # bind to loopback only (upstream listens on every interface)
@@ -325,7 +343,7 @@ room-{ROOM}: {{
             "allowTrickle: true, strictETags: false, iceServers: [] };\n" % (self.ws_port, self.whip_port))
         env = {**os.environ, "NODE_PATH": str(WHIP_APP / "node_modules")}
         return subprocess.Popen(["node", str(src / "server.js")], cwd=self.dir / "whip", env=env,
-                                stdout=open(self.dir / "whip.log", "w"), stderr=subprocess.STDOUT)
+                                stdout=open(self.dir / "whip.log", "a"), stderr=subprocess.STDOUT)
 
     @staticmethod
     def version() -> str | None:
