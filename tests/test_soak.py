@@ -30,3 +30,27 @@ def test_short_soak_reports_every_viewer(tmp_path, demo_clip, lung_model):
     assert summary["viewers_min"] == 2 and summary["viewer_reconnects"] == 0
     assert "each in a process of its own" in md.read_text() and "| engine process RSS (MB) |" in md.read_text()
     assert summary["engine_restarts"] == 0
+
+
+def test_frames_count_in_the_window_they_were_shown_in():
+    """30 fps for five 10-s windows; each take comes 0-40 ms after its window's end, so it holds frames of the next
+    window too, and a few frames are reported twice. Every window counts exactly its own 300 frames, once each:
+    what a viewer saw, whenever the take and the server's records arrive."""
+    import random
+
+    from sonomaly.tools.soak import shown_in_window
+
+    rng = random.Random(3)
+    period, window = 33_333_333, 10_000_000_000
+    frames = [(i, 1_000_000 + i * period) for i in range(5 * 300 + 30)]
+    carry: list = []
+    last = 0
+    for w in range(1, 6):
+        win_end = w * window
+        take_at = win_end + rng.randrange(0, 40_000_000)
+        taken = [f for f in frames[last:] if f[1] < take_at]
+        last += len(taken)
+        taken += rng.sample(taken, 3)  # read twice
+        n, carry = shown_in_window(carry, taken, win_end)
+        assert n == sum(1 for _, t in frames if win_end - window <= t < win_end) == 300, (w, n)
+        assert all(t >= win_end for _, t in carry)
