@@ -92,7 +92,7 @@ FOUND: list[tuple[str, str, str]] = [
 class ScenarioResult:
     id: str
     title: str
-    group: str  # "source" | "frames" | "engine" | "viewer" | "bad input" | "privacy"
+    group: str  # "source" | "frames" | "engine" | "output" | "viewer" | "bad input" | "privacy"
     expected: str
     outcome: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -1071,6 +1071,69 @@ def scenario_engine_process_hang(ctx: Context) -> ScenarioResult:
     return res
 
 
+def scenario_sfu_crash(ctx: Context) -> ScenarioResult:
+    """``serve --whip`` into a local Janus (``sonomaly.tools.sfu``), a direct viewer beside it; Janus and its WHIP
+    server are SIGKILLed mid-stream and started again on the same ports."""
+    res = ScenarioResult("output.sfu_crash", "The SFU behind --whip dies mid-stream (Janus SIGKILLed), then comes back",
+                         "output", "/health whip: reconnecting with the error, retries with back-off; direct viewers "
+                         "unaffected; publishing again (a new session) once the SFU is back")
+    from sonomaly.tools import sfu
+
+    why = sfu.missing()
+    if why is None:
+        try:
+            sfu.host_ip()
+        except sfu.SFUError as exc:
+            why = str(exc)
+    if why:
+        res.metrics["skipped"] = why
+        res.outcome = f"skipped: {why}"
+        return res
+    with sfu.Janus() as janus:
+        server = ServeProcess("--source", str(DEMO_CLIP), "--loop", "--model", str(LUNG_MODEL),
+                              "--whip", janus.whip_url, "--whip-token", janus.token, cwd=ctx.dir)
+        try:
+            t_pub = _wait_until(lambda: server.health()["whip"]["state"] == "publishing", 20.0, 0.1)
+            viewer = Watcher(server.url, 14.0)
+            _wait_until(lambda: len(viewer.times) > 10, 15.0, 0.05)
+            time.sleep(1.0)
+            t_fault = time.monotonic()
+            janus.crash()
+            t_noticed = _wait_until(lambda: server.health()["whip"]["state"] == "reconnecting", 30.0, 0.05)
+            time.sleep(3.0)  # retries fail meanwhile: nothing listens on the ingest's port
+            down = server.health()["whip"]
+            t_restart = time.monotonic()
+            janus.restart()
+            t_back = _wait_until(lambda: server.health()["whip"]["state"] == "publishing", 30.0, 0.05)
+            h = server.health()
+            listed = bool(janus.publishers())
+            viewer.join(30.0)
+        finally:
+            server.stop()
+    res.metrics.update({
+        "publishing_after_s": _r(t_pub, 2), "noticed_after_s": _r(t_noticed, 2),
+        "error_while_down": (down.get("last_error") or "")[:80], "publishing_again_after_s": _r(t_back, 2),
+        "whip_sessions": h["whip"]["sessions"], "viewer_fps_before": _r(viewer.fps(None, t_fault)),
+        "viewer_fps_while_down": _r(viewer.fps(t_fault, t_restart)),
+        "viewer_max_gap_ms_while_down": _r(viewer.max_gap_ms(t_fault, t_restart)), "viewer_error": viewer.error,
+    })
+    res.checks["publishing before the fault"] = t_pub is not None
+    res.checks["the publisher notices the SFU gone (reconnecting)"] = t_noticed is not None
+    res.checks["/health says why (last_error)"] = bool(down.get("last_error"))
+    res.checks["the direct viewer keeps its video while the SFU is down"] = (
+        viewer.error is None and viewer.fps(t_fault, t_restart) >= 0.8 * max(viewer.fps(None, t_fault), 1.0))
+    gap = viewer.max_gap_ms(t_fault, t_restart)
+    res.checks["no gap over 200 ms for the direct viewer"] = gap is not None and gap <= 200.0
+    res.checks["publishing again once the SFU is back"] = t_back is not None and h["whip"]["sessions"] == 2
+    res.checks["the SFU's room lists the publisher again"] = listed
+    res.outcome = (f"reconnecting after {res.metrics['noticed_after_s']} s ('{res.metrics['error_while_down'][:40]}'), "
+                   f"direct viewer {res.metrics['viewer_fps_while_down']} fps while the SFU was down (before "
+                   f"{res.metrics['viewer_fps_before']}, max gap {res.metrics['viewer_max_gap_ms_while_down']} ms), "
+                   f"publishing again {res.metrics['publishing_again_after_s']} s after the SFU came back "
+                   f"({res.metrics['whip_sessions']} sessions)")
+    return res
+
+
 FAULT_SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "source.file_removed": scenario_file_removed,
     "source.network_killed": scenario_network_killed,
@@ -1085,6 +1148,7 @@ FAULT_SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "engine.inf": scenario_engine_inf,
     "engine.process_crash": scenario_engine_process_crash,
     "engine.process_hang": scenario_engine_process_hang,
+    "output.sfu_crash": scenario_sfu_crash,
 }
 
 

@@ -51,7 +51,10 @@ def assert_checks(res: F.ScenarioResult) -> None:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", list(F.FAULT_SCENARIOS))
 def test_fault_scenario(ctx, name):
-    assert_checks(run_with_retry(F.FAULT_SCENARIOS[name], ctx))
+    res = run_with_retry(F.FAULT_SCENARIOS[name], ctx)
+    if res.metrics.get("skipped"):  # output.sfu_crash without Janus (`make janus`)
+        pytest.skip(res.metrics["skipped"])
+    assert_checks(res)
 
 
 @pytest.fixture(scope="module")

@@ -122,22 +122,3 @@ def test_latency_cli_starts_janus_itself(demo_clip, tmp_path):
     assert r["via"] == "janus" and r["label"] == "sonomaly via janus" and r["health"]["whip"]["sessions"] == 1
     assert r["glass_to_glass_ms"]["n"] >= 0.5 * 30 * 3 and r["cpu"]["sfu_pct"] >= 0
     assert set(Path(tempfile.gettempdir()).glob("sonomaly-janus-*")) <= before  # its folder went with it
-
-
-def test_whip_publisher_rides_out_an_sfu_crash(serve, demo_clip, janus):
-    """The SFU dies mid-stream (Janus and the WHIP server SIGKILLed): the publisher notices, says so in /health and
-    retries with back-off while the server's own video goes on; once the SFU is back on its ports it publishes again,
-    as a new session that a subscriber can join."""
-    server = serve("--source", str(demo_clip), "--loop", "--whip", janus.whip_url, "--whip-token", janus.token)
-    sfu.wait_for(lambda: server.health()["whip"]["state"] == "publishing", 20, "the WHIP session")
-    janus.crash()
-    sfu.wait_for(lambda: server.health()["whip"]["state"] == "reconnecting", 30, "the publisher to notice")
-    f0 = server.health()["frames_out"]
-    time.sleep(2.0)  # a retry or two fails meanwhile (nothing listens on the ingest's port)
-    h = server.health()
-    assert h["frames_out"] > f0 + 30  # the video never waited for the SFU
-    assert h["whip"]["state"] == "reconnecting" and "refused" in (h["whip"]["last_error"] or "")
-    janus.restart()
-    sfu.wait_for(lambda: server.health()["whip"]["state"] == "publishing", 30, "publishing again")
-    assert server.health()["whip"]["sessions"] == 2
-    assert janus.publishers()  # the room has its publisher again
