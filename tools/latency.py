@@ -1336,14 +1336,15 @@ def _fmt(x, nd=1) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    head = (f"{'server':9} {'viewer':8} {'N':>2} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7} {'tail':>6} {'flat':>6} "
-            f"{'fps':>5} {'lost':>5} {'server':>7} {'after':>7}  budget")
+    w = max([9, *(len(r.get("label") or r["server"]) for r in runs)])  # labels ("sonomaly via janus") set the column
+    head = (f"{'server':{w}} {'viewer':8} {'N':>2} {'p50':>7} {'p95':>7} {'p99':>7} {'max':>7} {'tail':>6} "
+            f"{'flat':>6} {'fps':>5} {'lost':>5} {'server':>7} {'after':>7}  budget")
     lines = [head, "-" * len(head)]
     for r in runs:
         g = r["glass_to_glass_ms"]
         st = r.get("stages_ms", {})
         lines.append(
-            f"{r.get('label') or r['server']:9} {r['viewer']:8} {_viewers_cell(r):>2} {_fmt(g.get('p50')):>7} "
+            f"{r.get('label') or r['server']:{w}} {r['viewer']:8} {_viewers_cell(r):>2} {_fmt(g.get('p50')):>7} "
             f"{_fmt(g.get('p95')):>7} "
             f"{_fmt(g.get('p99')):>7} {_fmt(g.get('max')):>7} {_fmt(g.get('tail')):>6} {_fmt(g.get('flatness')):>6} "
             f"{_fmt(r.get('received_fps')):>5} {r.get('frames_lost', 0):>5} "
