@@ -1418,11 +1418,7 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
                 out[f"{prefix}naive_over_sonomaly_{nm}_viewers"] = {"p50": round(g["p50"] / s["p50"], 3),
                                                                     "p99": round(g["p99"] / s["p99"], 3)}
             if (n > 1 or m) and (server, 1, 0) in by:
-                one = by[(server, 1, 0)]["glass_to_glass_ms"]
-                out[f"{prefix}{server}_{nm}_over_1_viewer_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["p99"], 3)
-                tc, tc1 = (x.get("to_compositor_ms") or {} for x in (r, by[(server, 1, 0)]))
-                if tc.get("p99") and tc1.get("p99"):  # the same without the display's refresh phase
-                    out[f"{prefix}{server}_{nm}_over_1_viewer_to_compositor_p99"] = round(tc["p99"] / tc1["p99"], 3)
+                _p99_ratios(out, f"{prefix}{server}_{nm}_over_1_viewer", r, by[(server, 1, 0)])
     for group, by in groups.items():  # through the SFU against one viewer straight from the server
         viewer, tens, label, has_model, reader, layout = group
         if not _via_sfu(label):
@@ -1432,14 +1428,19 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
         if one is None:
             continue
         for (server, n, m), r in sorted(by.items()):
-            if server != "sonomaly":
-                continue
-            key = f"{prefixes[group]}sonomaly_{f'{n}+{m}load' if m else n}_over_direct_1_viewer"
-            out[f"{key}_p99"] = round(r["glass_to_glass_ms"]["p99"] / one["glass_to_glass_ms"]["p99"], 3)
-            tc, tc1 = (x.get("to_compositor_ms") or {} for x in (r, one))
-            if tc.get("p99") and tc1.get("p99"):
-                out[f"{key}_to_compositor_p99"] = round(tc["p99"] / tc1["p99"], 3)
+            if server == "sonomaly":
+                _p99_ratios(out, f"{prefixes[group]}sonomaly_{f'{n}+{m}load' if m else n}_over_direct_1_viewer", r,
+                            one)
     return out
+
+
+def _p99_ratios(out: dict[str, Any], key: str, r: dict, base: dict) -> None:
+    """``{key}_p99``: run ``r``'s glass-to-glass p99 over ``base``'s; where both have it, ``{key}_to_compositor_p99``,
+    the same without the display's refresh phase."""
+    out[f"{key}_p99"] = round(r["glass_to_glass_ms"]["p99"] / base["glass_to_glass_ms"]["p99"], 3)
+    tc, tc1 = (x.get("to_compositor_ms") or {} for x in (r, base))
+    if tc.get("p99") and tc1.get("p99"):
+        out[f"{key}_to_compositor_p99"] = round(tc["p99"] / tc1["p99"], 3)
 
 
 def _name(r: dict) -> str:

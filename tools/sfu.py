@@ -49,6 +49,10 @@ def missing() -> str | None:
         return "node is not installed (simple-whip-server needs it)"
     if not (WHIP_APP / "src" / "server.js").exists() or not (WHIP_APP / "node_modules" / "express").exists():
         return "simple-whip-server is not unpacked under build/whip/app (run `make janus`)"
+    try:
+        host_ip()
+    except SFUError as exc:
+        return str(exc)
     return None
 
 
