@@ -406,16 +406,20 @@ def test_a_clock_step_during_the_run_voids_it():
 def test_sfu_runs_are_compared_with_their_own_and_with_one_direct_viewer():
     """--via direct,janus: runs through Janus form a group of their own (N over 1 through the SFU), and each is also
     divided by the 1-viewer run straight from the server (the same command's direct twin)."""
-    def run(n, p99, via=None, to_comp=None):
+    def run(n, p99, via=None, to_comp=None, paint=None):
         return {"server": "sonomaly", "viewer": "chromium", "viewers": n, "seconds": 30.0,
                 "label": "sonomaly" + (" via janus" if via else ""), "health": {"model": "lung"},
                 "reader": "videoframe", "chromium_layout": "page",
                 "glass_to_glass_ms": {"n": 100, "p50": p99 / 2, "p99": p99},
+                **({"stages_ms": {"paint": {"p50": paint}}} if paint is not None else {}),
                 **({"via": via} if via else {}), "to_compositor_ms": {"n": 100, "p99": to_comp or p99 / 2}}
 
-    c = latency.comparisons([run(1, 50.0, to_comp=20.0), run(1, 40.0, "janus", 22.0), run(8, 100.0, to_comp=60.0),
-                             run(8, 44.0, "janus", 24.0)])
+    c = latency.comparisons([run(1, 50.0, to_comp=20.0, paint=26.84), run(1, 40.0, "janus", 22.0),
+                             run(8, 100.0, to_comp=60.0, paint=4.6), run(8, 44.0, "janus", 24.0)])
     assert c["sonomaly_8_over_1_viewer_p99"] == 2.0 and c["sonomaly_8_over_1_viewer_to_compositor_p99"] == 3.0
+    # the two runs' display waits beside the ratio (the 1-viewer run's first); not where a run lacks the stage
+    assert c["sonomaly_8_over_1_viewer_paint_p50_ms"] == [26.8, 4.6]
+    assert not any(k.endswith("_paint_p50_ms") for k in c if "janus" in k)
     j = "chromium_30s_videoframe_onepage_via-janus_sonomaly_"
     assert c[j + "8_over_1_viewer_p99"] == 1.1
     assert c[j + "8_over_direct_1_viewer_p99"] == 0.88 and c[j + "8_over_direct_1_viewer_to_compositor_p99"] == 1.2
