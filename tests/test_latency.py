@@ -110,6 +110,43 @@ def test_per_viewer_stages_tell_a_late_send_turn_from_a_slow_decoder():
     assert "| 10.0, 16.0, 10.0 |" in latency.markdown({"runs": [r]})  # the receivers' table, a column
 
 
+def test_composited_times_give_one_definition_for_both_render_paths():
+    """--screencast: where the first composited page showing a frame is known, the run gets capture -> that page
+    (``to_composited_ms``) and that page's time minus the time the harness calls shown; frames without a picture
+    are left out of it, not counted as lost; and naive / Sonomaly is also given on it."""
+    recs = _records(60)
+    runs = []
+    for server, after_shown_ms in (("sonomaly", -16.7), ("naive", 16.4)):  # the two paths' offsets seen on M10
+        v = ViewerData("chromium", 0)
+        for i in range(60):
+            t = T0 + i * PERIOD_NS + int(_lat_ms(i) * 1e6)
+            v.samples.append((i, t, -1, t - 1_000_000, i + 1))
+            if i % 6:  # every sixth frame has no picture of its own
+                v.composited[i] = t + int(after_shown_ms * 1e6)
+        w = Window()
+        w.t0_ns, w.t1_ns = T0, T0 + 60 * PERIOD_NS + 100_000_000
+        r = analyse(server, [v], recs, w, budget_ms=200.0)
+        want = np.array([_lat_ms(i) + after_shown_ms for i in range(60) if i % 6])
+        tk = r["to_composited_ms"]
+        assert tk["n"] == 50 and r["frames"] == 60 and r["frames_lost"] == 0
+        assert tk["p50"] == pytest.approx(np.percentile(want, 50), abs=1e-3)
+        assert tk["p99"] == pytest.approx(np.percentile(want, 99), abs=1e-3)
+        assert r["composited_minus_shown_ms"]["p50"] == pytest.approx(after_shown_ms, abs=1e-3)
+        assert r["per_viewer"][0]["to_composited_ms"] == tk
+        runs.append({**r, "server": server, "viewer": "chromium", "viewers": 1, "seconds": 30.0, "label": server,
+                     "health": {"model": "lung"}})
+    c = latency.comparisons(runs)["naive_over_sonomaly_1_viewers"]
+    # shown: the same latencies either way (ratio 1); composited: the naive path 33 ms later at every percentile
+    assert c["p99"] == 1.0
+    assert c["p99_composited"] == pytest.approx(round((49.0 + 16.4) / (49.0 - 16.7), 3), abs=0.02)
+    # without screencast data the run has no such field
+    v = ViewerData("chromium", 0)
+    v.samples = [(i, T0 + i * PERIOD_NS + 40_000_000, -1, -1, i + 1) for i in range(10)]
+    w = Window()
+    w.t0_ns, w.t1_ns = T0, T0 + 10 * PERIOD_NS + 100_000_000
+    assert "to_composited_ms" not in analyse("sonomaly", [v], recs, w, budget_ms=200.0)
+
+
 def test_budget_and_causality():
     assert _synthetic(budget_ms=48.0)["pass"] is False  # p99 ≈ 49 ms
     recs = _records(10)
@@ -184,6 +221,23 @@ def test_chromium_harness_on_a_served_clip(serve, browser, demo_clip, lung_model
     # the one-pass fan-out (the default) stamps its parts of send_network on the records, and the run says it ran
     assert r["health"]["encode"] == "shared" and r["health"]["fanout"]["mode"] == "pass"
     assert st["send"]["p50"] > 0 and st["send_wait"]["p50"] >= 0 and "send" not in r["serial_stages"]
+
+
+@pytest.mark.browser
+def test_screencast_times_the_composited_page(serve, browser, demo_clip, lung_model):
+    """--screencast: the first viewer's page is recorded through the DevTools screencast; every picture carries a
+    readable code, nearly every timed frame gets the time of the first composited page showing it, and that page
+    comes after the frame was handed to the compositor (rVFC's presentationTime)."""
+    server = serve("--source", f"stamp:{demo_clip}?fps=30", "--model", str(lung_model), "--loop")
+    r = latency.measure(server.url, "sonomaly", viewer="chromium", viewers=1, seconds=3, warmup=1.5,
+                        browser=browser, quiet=True, layout="page", screencast=True)
+    _check_run(r)
+    sc = r["per_viewer"][0]["receiver"]["screencast"]
+    assert sc["pictures"] >= 0.5 * 30 * 3 and sc["unread"] == 0 and sc["codes"] >= 0.5 * 30 * 3
+    tk, tc = r["to_composited_ms"], r["to_compositor_ms"]
+    assert tk["n"] >= 0.8 * r["frames"]
+    assert tk["p50"] >= tc["p50"] - 1.0  # composited no earlier than handed over
+    assert tk["p99"] < 200 and -40 < r["composited_minus_shown_ms"]["p50"] < 40
 
 
 def test_cli_serves_sonomaly_and_the_naive_baseline(tmp_path, demo_clip, lung_model):
@@ -443,6 +497,7 @@ def test_sfu_runs_are_compared_with_their_own_and_with_one_direct_viewer():
     (["--serve", "x.mp4", "--via", "sfu"], "--via"),
     (["--serve", "x.mp4", "--via", "direct,direct"], "--via"),
     (["--serve", "x.mp4", "--via", "janus", "--janus-threads", "-1"], "janus-threads"),
+    (["--serve", "x.mp4", "--viewer", "aiortc", "--screencast"], "--screencast"),
 ])
 def test_via_janus_refuses_what_it_cannot_measure(args, why, capsys):
     assert cli.main(["latency", *args, "--quiet"]) == 2

@@ -344,6 +344,8 @@ class ViewerData:
     stats: dict[str, Any] = field(default_factory=dict)
     bracket: tuple[int, int] | None = None  # (round trip ns, host monotonic − browser unix ns), a cross-check
     error: str | None = None
+    # ``--screencast``: code -> browser unix ns of the first composited page (DevTools screencast) showing it
+    composited: dict[int, int] = field(default_factory=dict)
 
 
 HARNESS_PAGE = """<!doctype html>
@@ -358,7 +360,7 @@ const S = %(decoder)s;
 function makeHarness(video) {
   const canvas = document.createElement("canvas");
   const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const h = { state: "new", samples: [], unreadable: [], damaged: [], callbacks: 0, error: null,
+  const h = { video, state: "new", samples: [], unreadable: [], damaged: [], callbacks: 0, error: null,
               reader: null, cross: [0, 0], crossBad: [] };
   // How the code is read. "videoframe": copy only the code's box of the luma plane out of a WebCodecs VideoFrame of
   // the shown frame (no colour conversion of the whole picture); "canvas": draw the box onto a 2D canvas and read
@@ -573,7 +575,8 @@ def _progress(msg: str, quiet: bool) -> None:
 
 def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Window, *, codec: str | None = None,
                      quiet: bool = False, connect_timeout: float = 40.0, browser=None,
-                     reader: str = "videoframe", layout: str = "contexts", sfu=None) -> list[ViewerData]:
+                     reader: str = "videoframe", layout: str = "contexts", sfu=None,
+                     screencast: bool = False) -> list[ViewerData]:
     """Open ``n`` headless Chromium viewers on ``url``; collect ``seconds`` after ``warmup``.
 
     ``browser``: a Playwright ``Browser`` to use (its own contexts are opened and closed here); default: launch
@@ -582,12 +585,14 @@ def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Wi
     ``<video>`` elements of one page (each its own RTCPeerConnection and decoder; one renderer and compositor for
     all: a lighter instrument on a machine that also runs the server). ``sfu``: a running :class:`~sonomaly.tools.sfu.Janus`
     that the server publishes to; each viewer then subscribes through it (Janus offers, the viewer answers) instead
-    of offering to ``url`` (which still serves the harness page); ``codec`` is then the publisher's."""
+    of offering to ``url`` (which still serves the harness page); ``codec`` is then the publisher's.
+    ``screencast``: also record the first viewer's page through the DevTools screencast (:class:`_Screencast`),
+    where that page shows one video (layout "contexts", or a single viewer)."""
     if layout not in CHROMIUM_LAYOUTS:
         raise ValueError(f"unknown Chromium layout {layout!r} (one of {', '.join(CHROMIUM_LAYOUTS)})")
     if browser is not None:
         return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader,
-                                 layout, sfu)
+                                 layout, sfu, screencast)
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -596,9 +601,71 @@ def collect_chromium(url: str, n: int, seconds: float, warmup: float, window: Wi
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             return _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout, reader,
-                                     layout, sfu)
+                                     layout, sfu, screencast)
         finally:
             browser.close()
+
+
+class _Screencast:
+    """The composited page of one viewer, through the DevTools screencast (``Page.startScreencast``).
+
+    rVFC's display times are not comparable across Chromium's two WebRTC render paths (docs/LATENCY.md, "Chromium's
+    two render paths"): for frames without a render time (``playout-delay`` 0,0) ``expectedDisplayTime`` is one
+    refresh after the compositor frame that first holds the picture, for frames with one (the naive baseline) the
+    reported time is a refresh *before* it. The screencast is a third witness that treats both alike: each picture
+    is a copy of a compositor frame of the page with that frame's timestamp (browser wall clock). The page must show
+    the viewer's video at its top left at 1:1 (the harness page does). The browser JPEG-encodes every picture (~2-4 %
+    of a core here for a 640 x 520 page at 30 fps), so it is an option for few viewers.
+
+    Sync Playwright delivers the screencast's events only inside its own calls, and Chromium sends the next picture
+    only after the last one is acknowledged: :meth:`pump` (instead of ``time.sleep``) keeps them flowing."""
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.shots: list[tuple[float, str]] = []  # (browser unix s, base64 JPEG)
+        self.on = True
+        self.cdp = page.context.new_cdp_session(page)
+        self.cdp.on("Page.screencastFrame", self._frame)
+        self.cdp.send("Page.startScreencast", {"format": "jpeg", "quality": 95, "everyNthFrame": 1})
+
+    def _frame(self, ev) -> None:
+        if self.on:
+            self.shots.append((float(ev["metadata"]["timestamp"]), ev["data"]))
+        try:
+            self.cdp.send("Page.screencastFrameAck", {"sessionId": ev["sessionId"]})
+        except Exception:  # the page is closing
+            pass
+
+    def pump(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.page.wait_for_timeout(min(50.0, left * 1000.0))
+
+    def stop(self) -> None:
+        self.on = False
+        try:
+            self.cdp.send("Page.stopScreencast")
+        except Exception:
+            pass
+
+    def first_seen(self, height: int, width: int) -> tuple[dict[int, int], int]:
+        """code -> browser unix ns of the first picture showing it (the video's ``height`` x ``width`` at the top
+        left), and how many pictures carried no readable code."""
+        import base64
+
+        import cv2
+
+        out: dict[int, int] = {}
+        unread = 0
+        for ts, data in self.shots:
+            img = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+            code = (stamp.decode(img[:height, :width], "bgr")
+                    if img is not None and img.shape[0] >= height and img.shape[1] >= width else None)
+            if code is None:
+                unread += 1
+            elif code not in out:
+                out[code] = int(round(ts * 1e9))
+        return out, unread
 
 
 def _open_page(browser, url: str, width: int, height: int, contexts: list):
@@ -612,7 +679,7 @@ def _open_page(browser, url: str, width: int, height: int, contexts: list):
 
 
 def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, connect_timeout,
-                      reader, layout, sfu=None) -> list[ViewerData]:
+                      reader, layout, sfu=None, screencast=False) -> list[ViewerData]:
     url = url.rstrip("/")
     viewers = [ViewerData("chromium", i) for i in range(n)]
     contexts: list = []
@@ -645,6 +712,8 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
         time.sleep(warmup)
         cal0 = [page.evaluate(f"{ref}.calibrate(15)") for page, ref in handles]
         st0 = [page.evaluate(f"{ref}.stats()") for page, ref in handles]
+        # the screencast watches the first viewer's page where that page shows its video alone
+        cast = _Screencast(handles[0][0]) if screencast and (layout == "contexts" or n == 1) else None
         for page, ref in handles:
             page.evaluate(f"{ref}.take()")  # drop the warm-up
         window.begin()
@@ -655,13 +724,19 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
             left = end - time.monotonic()
             if left <= 0:
                 break
-            time.sleep(min(left, 5.0))
+            if cast is None:
+                time.sleep(min(left, 5.0))
+            else:
+                cast.pump(min(left, 5.0))
             for i, (page, ref) in enumerate(handles):
                 raw[i].append(page.evaluate(f"{ref}.take()"))
             if time.monotonic() - last_report >= 60 and not quiet:
                 last_report = time.monotonic()
                 _progress(f"  ... {seconds - max(0.0, end - time.monotonic()):.0f} / {seconds:g} s", quiet)
         window.end()
+        if cast is not None:
+            cast.stop()
+            size = handles[0][0].evaluate(f"[{handles[0][1]}.video.videoHeight, {handles[0][1]}.video.videoWidth]")
         st1 = [page.evaluate(f"{ref}.stats()") for page, ref in handles]
         cal1 = [page.evaluate(f"{ref}.calibrate(15)") for page, ref in handles]
         for i, (page, ref) in enumerate(handles):
@@ -697,6 +772,10 @@ def _collect_chromium(browser, url, n, seconds, warmup, window, codec, quiet, co
                 v.stats["reader_cross_check"] = {"frames": cross[0], "disagreed": cross[1],
                                                  **({"examples": bad[:5]} if bad else {})}
             v.bracket = _bracket(page, origin + off_ms)
+        if cast is not None:
+            viewers[0].composited, unread = cast.first_seen(*size)
+            viewers[0].stats["screencast"] = {"pictures": len(cast.shots), "unread": unread,
+                                              "codes": len(viewers[0].composited)}
     finally:
         for ctx in contexts:
             ctx.close()
@@ -1008,12 +1087,15 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
     timeline: list[tuple[float, float, int]] = []
     parts: list[tuple[float, float, float, float]] = []  # per timed frame, for the per-window stage medians
     per_viewer = []
+    pooled_comp: list[float] = []  # --screencast: capture -> the first composited page showing the frame
+    pooled_gap: list[float] = []  # that page's time minus the time the harness calls shown
     totals = {"frames": 0, "lost": 0, "lost_at_server": 0, "lost_after_server": 0, "no_code": 0, "damaged_code": 0,
               "unmatched": 0, "repeated_reads": 0,
               "shown_not_timed": 0, "shown_before_composed": 0}
     for v in viewers:
         seen: set[int] = set()
         g2g: list[float] = []
+        comp: list[float] = []
         own_rows: list[dict[str, float]] = []  # this viewer's stage rows, for its after-server medians
         ids: list[int] = []
         unmatched = 0
@@ -1072,6 +1154,9 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
             if par:
                 pooled_parallel.append(par)
             g2g.append(lat)
+            if code in v.composited:
+                comp.append((v.composited[code] - rec["t_capture_ns"]) / 1e6)
+                pooled_gap.append((v.composited[code] - t_show) / 1e6)
             timeline.append(((t_show - t0) / 1e9, lat, v.index))
             parts.append((row["server_total"], row["after_server"], row.get("send_network", math.nan),
                           row.get("jitter_decode", row.get("jitter_decode_paint", math.nan)),
@@ -1100,6 +1185,9 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
                  "lost_pct": round(100.0 * lost / max(1, missing + len(g2g)), 3)}
         # after the server the path is per viewer (its send turn, its socket, its decoder)
         entry["stages_ms"] = {k: v for k, v in _stage_table(own_rows).items() if k in AFTER_SERVER_STAGES}
+        if comp:
+            entry["to_composited_ms"] = summarise(comp)
+            pooled_comp.extend(comp)
         if v.stats:
             stats = dict(v.stats)
             if "_bytes" in stats:
@@ -1153,6 +1241,9 @@ def analyse(server: str, viewers: list[ViewerData], records: dict[int, dict], wi
     }
     if to_comp:
         result["to_compositor_ms"] = summarise(to_comp)
+    if pooled_comp:  # the same definition on every render path (see _Screencast)
+        result["to_composited_ms"] = summarise(pooled_comp)
+        result["composited_minus_shown_ms"] = {f"p{q}": round(pct(pooled_gap, q), 3) for q in (10, 50, 90)}
     receivers = [e["receiver"] for e in per_viewer if "receiver" in e]
     for key in ("jitter_buffer_ms_avg", "decode_ms_avg", "processing_delay_ms_avg"):
         vals = [r[key] for r in receivers if r.get(key) is not None]
@@ -1229,7 +1320,8 @@ def drift_summary(windows: list[dict[str, Any]], ws: float) -> dict[str, Any] | 
 def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1, seconds: float = 10.0,
             warmup: float = 3.0, codec: str | None = None, budget_ms: float = 200.0, window_s: float | None = None,
             quiet: bool = False, browser=None, server_pid: int | None = None,
-            reader: str = "videoframe", load_viewers: int = 0, layout: str = "contexts", sfu=None) -> dict[str, Any]:
+            reader: str = "videoframe", load_viewers: int = 0, layout: str = "contexts", sfu=None,
+            screencast: bool = False) -> dict[str, Any]:
     """Measure one running server with ``viewers`` receivers of kind ``viewer``; returns the analysed run.
 
     ``server`` names the kind of server ("sonomaly" or "naive": which stages are on the frame's path); ``browser``
@@ -1240,7 +1332,9 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
     ``load_viewers`` extra sessions that receive the stream without decoding it (:class:`LoadViewers`), connected
     before the measured viewers and held until their window ends; ``layout`` where the Chromium viewers live (a
     browser context each, or all in one page: :func:`collect_chromium`); ``sfu`` a running
-    :class:`~sonomaly.tools.sfu.Janus` the server publishes to, through which the Chromium viewers subscribe."""
+    :class:`~sonomaly.tools.sfu.Janus` the server publishes to, through which the Chromium viewers subscribe;
+    ``screencast``: the first Chromium viewer's composited page is recorded too, which gives ``to_composited_ms``
+    (:class:`_Screencast`)."""
     url = url.rstrip("/")
     if sfu is not None and viewer != "chromium":
         raise ValueError("viewers through an SFU are Chromium viewers only")
@@ -1254,7 +1348,7 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
         load.__enter__()
         if viewer == "chromium":
             data = collect_chromium(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet, browser=browser,
-                                    reader=reader, layout=layout, sfu=sfu)
+                                    reader=reader, layout=layout, sfu=sfu, screencast=screencast)
         elif viewer == "aiortc":
             data = collect_aiortc(url, viewers, seconds, warmup, window, codec=codec, quiet=quiet)
         else:
@@ -1270,6 +1364,7 @@ def measure(url: str, server: str, *, viewer: str = "chromium", viewers: int = 1
                          for c, t, r, q, k in v.samples]
             v.unreadable = [t - offset for t in v.unreadable]
             v.damaged = [t - offset for t in v.damaged]
+            v.composited = {c: t - offset for c, t in v.composited.items()}
             if v.bracket is not None:  # direct reading vs the wall-clock route: how far apart they are
                 rt, direct = v.bracket
                 v.stats.setdefault("clock_calibration_ms", {}).update(
@@ -1417,6 +1512,10 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
                 g = r["glass_to_glass_ms"]
                 out[f"{prefix}naive_over_sonomaly_{nm}_viewers"] = {"p50": round(g["p50"] / s["p50"], 3),
                                                                     "p99": round(g["p99"] / s["p99"], 3)}
+                sc, gc = (x.get("to_composited_ms") or {} for x in (by[("sonomaly", n, m)], r))
+                if sc.get("p99") and gc.get("p99"):  # --screencast: one definition for both render paths
+                    out[f"{prefix}naive_over_sonomaly_{nm}_viewers"].update(
+                        p50_composited=round(gc["p50"] / sc["p50"], 3), p99_composited=round(gc["p99"] / sc["p99"], 3))
             if (n > 1 or m) and (server, 1, 0) in by:
                 _p99_ratios(out, f"{prefix}{server}_{nm}_over_1_viewer", r, by[(server, 1, 0)])
     for group, by in groups.items():  # through the SFU against one viewer straight from the server
@@ -1436,7 +1535,8 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
 
 def _p99_ratios(out: dict[str, Any], key: str, r: dict, base: dict) -> None:
     """``{key}_p99``: run ``r``'s glass-to-glass p99 over ``base``'s; where both have it, ``{key}_to_compositor_p99``,
-    the same without the display's refresh phase, and ``{key}_paint_p50_ms``, the two runs' median wait from the
+    the same without the display's refresh phase, ``{key}_to_composited_p99`` where both were screencast, and
+    ``{key}_paint_p50_ms``, the two runs' median wait from the
     compositor to the expected display (``base``'s first): Chromium times a lone video and a page of several unlike
     (docs/LATENCY.md, "Chromium's two render paths"), and a gap there says the glass-to-glass ratio compares unlike
     waits."""
@@ -1444,6 +1544,9 @@ def _p99_ratios(out: dict[str, Any], key: str, r: dict, base: dict) -> None:
     tc, tc1 = (x.get("to_compositor_ms") or {} for x in (r, base))
     if tc.get("p99") and tc1.get("p99"):
         out[f"{key}_to_compositor_p99"] = round(tc["p99"] / tc1["p99"], 3)
+    tk, tk1 = (x.get("to_composited_ms") or {} for x in (r, base))
+    if tk.get("p99") and tk1.get("p99"):
+        out[f"{key}_to_composited_p99"] = round(tk["p99"] / tk1["p99"], 3)
     paint = [((x.get("stages_ms") or {}).get("paint") or {}).get("p50") for x in (base, r)]
     if None not in paint:
         out[f"{key}_paint_p50_ms"] = [round(float(v), 1) for v in paint]
@@ -1676,6 +1779,11 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="contexts (default): each Chromium viewer in a browser context of its own (a renderer "
                         "process each, as separate displays); page: all viewers as <video> elements of one page "
                         "(a decoder each, one renderer and compositor: a lighter instrument beside the server)")
+    p.add_argument("--screencast", action="store_true",
+                   help="Chromium: also record the first viewer's composited page (DevTools screencast) and report "
+                        "to_composited_ms, capture to the first compositor frame showing each frame: one definition "
+                        "for every render path, so naive and Sonomaly compare like for like (runs with a page of "
+                        "its own for that viewer: layout contexts, or 1 viewer)")
     p.add_argument("--load-viewers", type=int, default=0, metavar="M",
                    help="M more sessions during each run that receive the stream but do not decode it (aiortc, one "
                         "process): the server serves viewers + M while only the measured viewers decode and paint")
@@ -1767,6 +1875,9 @@ def run(args) -> int:
     if args.janus_threads < 0:
         print("sonomaly latency: --janus-threads must be 0 or more", file=sys.stderr)
         return 2
+    if args.screencast and args.viewer != "chromium":
+        print("sonomaly latency: --screencast records a Chromium viewer's page (--viewer chromium)", file=sys.stderr)
+        return 2
     if "janus" in vias:
         from sonomaly.tools import sfu as sfu_mod
 
@@ -1800,7 +1911,8 @@ def run(args) -> int:
                     run_ = measure(args.url, server, viewer=args.viewer, viewers=n, seconds=args.seconds,
                                    warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
                                    window_s=args.window_s, quiet=args.quiet, reader=args.reader,
-                                   load_viewers=args.load_viewers, layout=args.chromium_layout)
+                                   load_viewers=args.load_viewers, layout=args.chromium_layout,
+                                   screencast=args.screencast)
                 else:
                     extra = list(args.serve_arg) if server == "sonomaly" else []
                     if server == "sonomaly" and args.codec and "--codec" not in " ".join(extra):
@@ -1817,7 +1929,7 @@ def run(args) -> int:
                                        warmup=args.warmup, codec=args.codec, budget_ms=args.budget_ms,
                                        window_s=args.window_s, quiet=args.quiet, server_pid=srv.proc.pid,
                                        reader=args.reader, load_viewers=args.load_viewers,
-                                       layout=args.chromium_layout, sfu=sfu)
+                                       layout=args.chromium_layout, sfu=sfu, screencast=args.screencast)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
                 print(f"sonomaly latency: {server} with {n} viewer(s) failed: {exc}", file=sys.stderr)
                 failed = True
