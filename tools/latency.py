@@ -614,8 +614,8 @@ class _Screencast:
     refresh after the compositor frame that first holds the picture, for frames with one (the naive baseline) the
     reported time is a refresh *before* it. The screencast is a third witness that treats both alike: each picture
     is a copy of a compositor frame of the page with that frame's timestamp (browser wall clock). The page must show
-    the viewer's video at its top left at 1:1 (the harness page does). The browser JPEG-encodes every picture (~2-4 %
-    of a core here for a 640 x 520 page at 30 fps), so it is an option for few viewers.
+    the viewer's video at its top left at 1:1 (the harness page does). The browser JPEG-encodes every picture (on M10,
+    one viewer: the machine 100-109 % busy with it against 74-83 % without), so it is an option for few viewers.
 
     Sync Playwright delivers the screencast's events only inside its own calls, and Chromium sends the next picture
     only after the last one is acknowledged: :meth:`pump` (instead of ``time.sleep``) keeps them flowing."""
