@@ -1465,7 +1465,7 @@ def _comparison_group(r: dict) -> tuple:
     return r["viewer"], round(float(r.get("seconds") or 0) / 10), label, has_model, reader, layout
 
 
-_VIA_SFU = re.compile(r"(^|\s*)via janus$")  # how a run label says its viewers came through the SFU
+_VIA_SFU = re.compile(r"(^|\s+)via janus$")  # how a run label says its viewers came through the SFU
 
 
 def _via_sfu(label: str) -> bool:
