@@ -1072,11 +1072,13 @@ def scenario_engine_process_hang(ctx: Context) -> ScenarioResult:
 
 
 def scenario_sfu_crash(ctx: Context) -> ScenarioResult:
-    """``serve --whip`` into a local Janus (``sonomaly.tools.sfu``), a direct viewer beside it; Janus and its WHIP
-    server are SIGKILLed mid-stream and started again on the same ports."""
+    """``serve --whip`` into a local Janus (``sonomaly.tools.sfu``), a direct viewer beside it; Janus and then its WHIP
+    server are SIGKILLed mid-stream (no DTLS close: the publisher must notice the silence) and started again on the
+    same ports."""
     res = ScenarioResult("output.sfu_crash", "The SFU behind --whip dies mid-stream (Janus SIGKILLed), then comes back",
-                         "output", "/health whip: reconnecting with the error, retries with back-off; direct viewers "
-                         "unaffected; publishing again (a new session) once the SFU is back")
+                         "output", "/health whip: reconnecting within a few seconds of RTCP silence, with the error, "
+                         "retries with back-off; direct viewers unaffected; publishing again (a new session) once the "
+                         "SFU is back")
     from sonomaly.tools import sfu
 
     why = sfu.missing()
@@ -1089,12 +1091,15 @@ def scenario_sfu_crash(ctx: Context) -> ScenarioResult:
                               "--whip", janus.whip_url, "--whip-token", janus.token, cwd=ctx.dir)
         try:
             t_pub = _wait_until(lambda: server.health()["whip"]["state"] == "publishing", 20.0, 0.1)
-            viewer = Watcher(server.url, 14.0)
+            viewer = Watcher(server.url, 20.0)
             _wait_until(lambda: len(viewer.times) > 10, 15.0, 0.05)
             time.sleep(1.0)
+            # Janus reports on the stream (RTCP) from its first second: wait for the publisher's three packets
+            _wait_until(lambda: server.health()["whip"].get("rtcp_packets", 0) >= 3, 10.0, 0.05)
             t_fault = time.monotonic()
             janus.crash()
-            t_noticed = _wait_until(lambda: server.health()["whip"]["state"] == "reconnecting", 30.0, 0.05)
+            t_noticed = _wait_until(lambda: server.health()["whip"]["state"] == "reconnecting", 40.0, 0.05)
+            silences = server.health()["whip"].get("silences")
             time.sleep(3.0)  # retries fail meanwhile: nothing listens on the ingest's port
             down = server.health()["whip"]
             t_restart = time.monotonic()
@@ -1106,7 +1111,7 @@ def scenario_sfu_crash(ctx: Context) -> ScenarioResult:
         finally:
             server.stop()
     res.metrics.update({
-        "publishing_after_s": _r(t_pub, 2), "noticed_after_s": _r(t_noticed, 2),
+        "publishing_after_s": _r(t_pub, 2), "noticed_after_s": _r(t_noticed, 2), "silences": silences,
         "error_while_down": (down.get("last_error") or "")[:80], "publishing_again_after_s": _r(t_back, 2),
         "whip_sessions": h["whip"]["sessions"], "viewer_fps_before": _r(viewer.fps(None, t_fault)),
         "viewer_fps_while_down": _r(viewer.fps(t_fault, t_restart)),
@@ -1114,6 +1119,8 @@ def scenario_sfu_crash(ctx: Context) -> ScenarioResult:
     })
     res.checks["publishing before the fault"] = t_pub is not None
     res.checks["the publisher notices the SFU gone (reconnecting)"] = t_noticed is not None
+    res.checks["within 10 s, by the RTCP silence (ICE consent alone takes 24-36 s)"] = (
+        t_noticed is not None and t_noticed <= 10.0 and silences == 1)
     res.checks["/health says why (last_error)"] = bool(down.get("last_error"))
     res.checks["the direct viewer keeps its video while the SFU is down"] = (
         viewer.error is None and viewer.fps(t_fault, t_restart) >= 0.8 * max(viewer.fps(None, t_fault), 1.0))
@@ -1121,7 +1128,8 @@ def scenario_sfu_crash(ctx: Context) -> ScenarioResult:
     res.checks["no gap over 200 ms for the direct viewer"] = gap is not None and gap <= 200.0
     res.checks["publishing again once the SFU is back"] = t_back is not None and h["whip"]["sessions"] == 2
     res.checks["the SFU's room lists the publisher again"] = listed
-    res.outcome = (f"reconnecting after {res.metrics['noticed_after_s']} s ('{res.metrics['error_while_down'][:40]}'), "
+    res.outcome = (f"reconnecting {res.metrics['noticed_after_s']} s after the crash (sessions ended by "
+                   f"RTCP silence: {res.metrics['silences']}), then '{res.metrics['error_while_down'][:40]}', "
                    f"direct viewer {res.metrics['viewer_fps_while_down']} fps while the SFU was down (before "
                    f"{res.metrics['viewer_fps_before']}, max gap {res.metrics['viewer_max_gap_ms_while_down']} ms), "
                    f"publishing again {res.metrics['publishing_again_after_s']} s after the SFU came back "

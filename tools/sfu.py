@@ -258,8 +258,8 @@ class Janus(JanusAPI):
         self._end_processes()
         self._tmp.cleanup()
 
-    def _end_processes(self, sig: int = signal.SIGTERM) -> None:
-        for p in reversed(self.procs):
+    def _end_processes(self, sig: int = signal.SIGTERM, janus_first: bool = False) -> None:
+        for p in (self.procs if janus_first else reversed(self.procs)):
             if p.poll() is None:
                 p.send_signal(sig)
                 try:
@@ -270,10 +270,12 @@ class Janus(JanusAPI):
         self.procs.clear()
 
     def crash(self) -> None:
-        """Kill Janus and the WHIP server at once (SIGKILL: no goodbye to anyone), keeping their ports and folder."""
+        """Kill Janus, then the WHIP server (SIGKILL: no goodbye to anyone), keeping their ports and folder. Janus goes
+        first: killed after the WHIP server, it would hang up its publisher when the server's WebSocket closes (a DTLS
+        close that tells the publisher at once), which a media server that really dies never sends."""
         with self._lock:
             self._sessions.clear()
-        self._end_processes(signal.SIGKILL)
+        self._end_processes(signal.SIGKILL, janus_first=True)
 
     def restart(self) -> None:
         """Start Janus and the WHIP server again on the same ports (after :meth:`crash`), the endpoint created anew."""
