@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -55,6 +56,25 @@ def _playout_status() -> dict:
     from sonomaly.stream import playout
 
     return playout.status()
+
+
+def on_rtcp(sender, note: Callable[[], None]) -> bool:
+    """Call ``note()`` for every RTCP packet the far end sends about ``sender``'s stream (receiver reports, REMB, NACK,
+    PLI/FIR): aiortc routes each to the sender's ``_handle_rtcp_packet`` (aiortc >= 1.0). How the server tells a live
+    peer from one that vanished without a goodbye, long before ICE consent expires (24-36 s). False where this aiortc
+    has no such method (then only ICE consent watches)."""
+    handle = getattr(sender, "_handle_rtcp_packet", None)
+    if handle is None:
+        log.warning("this aiortc has no RTCRtpSender._handle_rtcp_packet: a peer that vanishes is noticed only when "
+                     "ICE consent expires (about 30 s)")
+        return False
+
+    async def _noting(packet) -> None:
+        note()
+        await handle(packet)
+
+    sender._handle_rtcp_packet = _noting
+    return True
 
 
 class OfferError(ValueError):
@@ -233,15 +253,6 @@ class WebRTCServer:
                     self.dropped_by_watchdog += 1
                     await self._drop(v)
 
-    def _hook_rtcp(self, viewer: Viewer, sender) -> None:
-        handle = sender._handle_rtcp_packet
-
-        async def _noting(packet):
-            viewer.last_rtcp = time.monotonic()
-            return await handle(packet)
-
-        sender._handle_rtcp_packet = _noting
-
     @property
     def encode_mode(self) -> str:
         return "shared" if self.encoder is not None else "per-viewer"
@@ -310,7 +321,7 @@ class WebRTCServer:
             sender = pc.addTrack(track)
             transceiver = next(t for t in pc.getTransceivers() if t.sender is sender)
             self.prepare_sender(pc, transceiver, track)
-            self._hook_rtcp(viewer, transceiver.sender)
+            on_rtcp(transceiver.sender, lambda: setattr(viewer, "last_rtcp", time.monotonic()))
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
         except OfferError:

@@ -27,6 +27,7 @@ import urllib.request
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from sonomaly.stream.encoder import codec_preferences
+from sonomaly.stream.webrtc import on_rtcp
 
 log = logging.getLogger("sonomaly.whip")
 
@@ -120,21 +121,9 @@ class WhipPublisher:
                 log.warning("WHIP publish to %s: %s", self.url, self.last_error)
                 return
 
-    def _count_rtcp(self, sender) -> None:
-        """Count the RTCP packets the ingest sends about our stream (receiver reports, REMB, NACK, PLI); aiortc routes
-        each to the sender's ``_handle_rtcp_packet`` (present since aiortc 1.0; without it only ICE consent watches)."""
-        handle = getattr(sender, "_handle_rtcp_packet", None)
-        if handle is None:
-            log.warning("this aiortc has no RTCRtpSender._handle_rtcp_packet: a dead ingest is noticed only when ICE "
-                        "consent expires (about 30 s)")
-            return
-
-        async def _counted(packet) -> None:
-            self._rtcp_packets += 1
-            self.ingest_reports = True
-            await handle(packet)
-
-        sender._handle_rtcp_packet = _counted
+    def _noted_rtcp(self) -> None:
+        self._rtcp_packets += 1
+        self.ingest_reports = True
 
     async def _connect(self, done: asyncio.Event) -> None:
         self.state = "connecting"
@@ -143,7 +132,7 @@ class WhipPublisher:
         track = self.webrtc.make_track()
         transceiver = pc.addTransceiver(track, direction="sendonly")
         self.reports, self._rtcp_packets = ReportWatch(self.silence_s), 0
-        self._count_rtcp(transceiver.sender)
+        on_rtcp(transceiver.sender, self._noted_rtcp)
         if self.webrtc.encoder is not None:
             transceiver.setCodecPreferences(codec_preferences(self.webrtc.encoder.codec_name))
             self.webrtc.attach_sender(transceiver.sender, track)
