@@ -143,7 +143,7 @@ def _passes(rows):
     """The media packets cut into frames at each viewer's marker bit: per frame, the viewers in the order their last
     packet went out, and whether each viewer's packets came as one unbroken run."""
     media_pt = min(pt for _, _, pt, _, _ in rows)  # VP8's payload type is below its RTX's in aiortc's offer
-    order, runs = [], []
+    order = []
     current: list[int] = []
     for k, _, pt, _, marker in rows:
         if pt != media_pt:

@@ -1,8 +1,6 @@
 """Pre/post-processing and temporal smoothing (no shared data needed)."""
 from __future__ import annotations
 
-import time
-
 import cv2
 import numpy as np
 import pytest
@@ -111,31 +109,6 @@ def test_postprocess_reuses_buffer_and_blob_location():
     amap, _ = postprocess(raw, [11.0], region, card, (480, 640), out=buf)
     assert amap is buf
     assert amap[50 + 50, 100 + 350] > 1.5 and amap[50 + 350, 100 + 50] < 0.01
-
-
-def test_processing_speed_640x480():
-    card = make_card()
-    region = sector_region()
-    frame = speckle_frame(region)
-    raw = np.random.default_rng(0).random((1, 1, 64, 64)).astype(np.float32) * 8
-    xbuf = np.empty((1, 2, 256, 256), np.float32)
-    obuf = np.empty((480, 640), np.float32)
-    for _ in range(5):
-        preprocess(frame, region, card, out=xbuf)
-        postprocess(raw, [11.0], region, card, frame.shape, out=obuf)
-    t_pre, t_post = [], []
-    for _ in range(40):
-        t0 = time.perf_counter()
-        preprocess(frame, region, card, out=xbuf)
-        t1 = time.perf_counter()
-        postprocess(raw, [11.0], region, card, frame.shape, out=obuf)
-        t2 = time.perf_counter()
-        t_pre.append(t1 - t0)
-        t_post.append(t2 - t1)
-    pre_ms, post_ms = 1e3 * np.median(t_pre), 1e3 * np.median(t_post)
-    print(f"preprocess {pre_ms:.2f} ms, postprocess {post_ms:.2f} ms (640x480)")
-    # budgets are 2 ms / 3 ms; the CPU is shared in CI, so allow 3x headroom here
-    assert pre_ms < 6.0 and post_ms < 9.0
 
 
 def test_temporal_smoother_rises_at_once_and_damps_flicker():

@@ -2,7 +2,6 @@
 limit, closed CORS by default, and TLS through `sonomaly serve --ssl-certfile/--ssl-keyfile`."""
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import socket
