@@ -1,6 +1,8 @@
 """End to end, real parts only: `sonomaly serve` on a bundled clip → aiortc → headless Chromium (Debian's)."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -51,4 +53,41 @@ def test_chromium_decodes_at_least_90_percent_of_frames(serve, browser, demo_cli
         assert shot["w"] == 450 and shot["h"] == 450
         assert shot["mean"] > 10
     finally:
+        page.close()
+
+
+def test_a_stalled_stream_is_marked_not_live_in_kiosk_mode(serve, browser, demo_clip):
+    """The server stops dead (SIGSTOP: no packet, no goodbye; Chromium still reads "connected"): the theatre display
+    must not show the frozen last image as if it were live. Then the server resumes and the banner goes."""
+    server = serve("--source", str(demo_clip), "--loop")
+    page = browser.new_page(viewport={"width": 800, "height": 600})
+    stopped = False
+    try:
+        page.goto(server.url + "/?kiosk=1")
+        _wait(page, "window.sonomaly.connection === 'connected' && window.sonomaly.framesPresented > 30", 20)
+        time.sleep(3.0)  # frames flowing: never NOT LIVE
+        s = page.evaluate("window.sonomaly")
+        assert s["stale"] is False and s["staleEvents"] == 0 and not page.is_visible("#stale")
+        assert not page.is_visible("#bar")  # kiosk: the status bar is hidden, the banner will not be
+
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        stopped = True
+        _wait(page, "window.sonomaly.stale === true", 5)
+        s = page.evaluate("window.sonomaly")
+        assert s["staleEvents"] == 1 and s["staleLimitMs"] == 500  # a 30-fps stream: the 500-ms floor
+        assert s["staleLimitMs"] < s["staleAtMs"] <= s["staleLimitMs"] + 250  # checked every 100 ms
+        assert page.is_visible("#stale") and page.inner_text("#stale").startswith("NOT LIVE")
+        frames = s["framesPresented"]
+        time.sleep(1.0)
+        assert page.evaluate("window.sonomaly.framesPresented") == frames  # nothing new reached the screen
+        assert float(page.inner_text("#stale").split("last image ")[1].split(" s")[0]) >= 1.0  # the age counts up
+
+        os.kill(server.proc.pid, signal.SIGCONT)
+        stopped = False
+        _wait(page, "window.sonomaly.stale === false && window.sonomaly.framesPresented > %d" % (frames + 10), 15)
+        assert not page.is_visible("#stale")
+        assert page.evaluate("window.sonomaly.staleEvents") == 1
+    finally:
+        if stopped:
+            os.kill(server.proc.pid, signal.SIGCONT)
         page.close()
