@@ -129,6 +129,7 @@ def create_app(pipeline: Pipeline, *, ice_servers: list[str] | None = None, mana
 
             whip = WhipPublisher(opts.whip_url, webrtc, token=opts.whip_token)
             app.state.whip = whip
+            metrics.whip = whip
             whip.start()
         try:
             yield

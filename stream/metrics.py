@@ -57,6 +57,7 @@ class Metrics:
         self.webrtc = webrtc
         self.guard = guard
         self.recorder = recorder
+        self.whip = None  # the WHIP publisher, once the app has started it
         self.settle_ns = int(settle_ms * 1e6)
         self.stages: dict[str, Histogram] = {}
         self.latency = Histogram()
@@ -126,6 +127,9 @@ class Metrics:
             metric("sonomaly_viewers", "gauge", "Connected WebRTC viewers.",
                    [({"encode": self.webrtc.encode_mode}, ws["viewers"])])
             metric("sonomaly_viewer_sessions_total", "counter", "Viewer sessions since start.", ws["viewers_total"])
+            metric("sonomaly_viewers_dropped_total", "counter",
+                   "Viewers dropped by the watchdog (never connected, or no RTCP: gone without a goodbye).",
+                   ws["viewers_dropped_by_watchdog"])
             enc = getattr(self.webrtc, "encoder", None)
             if enc is not None:
                 metric("sonomaly_encoder_frames_total", "counter", "Frames encoded by the shared encoder.",
@@ -133,6 +137,15 @@ class Metrics:
                 metric("sonomaly_encoder_keyframes_total", "counter", "Keyframes encoded.", enc.keyframes)
                 metric("sonomaly_encoder_bytes_total", "counter", "Encoded bytes.", enc.bytes_out)
                 metric("sonomaly_encoder_bitrate_bps", "gauge", "Configured bitrate.", enc.bitrate)
+        if self.whip is not None:
+            w = self.whip.stats()
+            metric("sonomaly_whip_state", "gauge", "WHIP publisher state (1 for the current one).",
+                   [({"state": s}, int(w["state"] == s)) for s in ("connecting", "publishing", "reconnecting")])
+            metric("sonomaly_whip_sessions_total", "counter", "WHIP sessions established.", w["sessions"])
+            metric("sonomaly_whip_silences_total", "counter",
+                   "WHIP sessions ended because the ingest sent no RTCP for longer than the limit.", w["silences"])
+            metric("sonomaly_whip_rtcp_age_seconds", "gauge", "Seconds since the ingest's last RTCP (NaN before any).",
+                   None if w["rtcp_age_s"] is None else float(w["rtcp_age_s"]))
         if self.guard is not None:
             metric("sonomaly_auth_denied_total", "counter", "Requests denied for a missing or wrong token.",
                    self.guard.denied)

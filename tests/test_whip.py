@@ -5,6 +5,8 @@ The publisher watches the RTCP the ingest sends and reconnects after a few secon
 from __future__ import annotations
 
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -122,6 +124,13 @@ def ingest():
         i.stop()
 
 
+def _metrics(url: str) -> dict[str, float]:
+    """``/metrics`` (loopback needs no control token) as {'name{labels}': value}."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {k: float(v) for k, v in re.findall(r"^([a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
 def _until(cond, timeout: float, step: float = 0.05):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -144,6 +153,9 @@ def test_publisher_notices_a_killed_ingest_and_comes_back(serve, ingest, demo_cl
     # aiortc reports every 0.5-1.5 s: the limit is 3-5 s; ICE consent alone would take 24-36 s
     assert noticed is not None and noticed <= 8.0, w
     assert w["silences"] == 1
+    m = _metrics(s.url)  # what a monitoring system scrapes says the same
+    assert m["sonomaly_whip_silences_total"] == 1 and m["sonomaly_whip_sessions_total"] == 1
+    assert m['sonomaly_whip_state{state="publishing"}'] == 0
     frames = s.health()["frames_out"]
     time.sleep(1.0)
     assert s.health()["frames_out"] > frames + 20  # the server's own video goes on meanwhile
@@ -152,6 +164,9 @@ def test_publisher_notices_a_killed_ingest_and_comes_back(serve, ingest, demo_cl
     assert _until(lambda: s.health()["whip"]["state"] == "publishing", 20.0) is not None
     assert _until(lambda: second.stats()["frames"] > 30, 20.0) is not None
     assert s.health()["whip"]["sessions"] == 2
+    m = _metrics(s.url)
+    assert m['sonomaly_whip_state{state="publishing"}'] == 1 and m["sonomaly_whip_sessions_total"] == 2
+    assert 0 <= m["sonomaly_whip_rtcp_age_seconds"] < 5 or math.isnan(m["sonomaly_whip_rtcp_age_seconds"])
 
 
 @pytest.mark.timeout(60)
