@@ -130,6 +130,13 @@ class Metrics:
             metric("sonomaly_viewers_dropped_total", "counter",
                    "Viewers dropped by the watchdog (never connected, or no RTCP: gone without a goodbye).",
                    ws["viewers_dropped_by_watchdog"])
+            metric("sonomaly_viewer_stalls_total", "counter",
+                   "Times a viewer page reported its picture NOT LIVE (no new frame on its screen for its limit).",
+                   ws["viewer_stalls"])
+            metric("sonomaly_viewer_stalled_seconds_total", "counter",
+                   "Total NOT LIVE time the viewer pages reported, as each stall ended.", float(ws["viewer_stalled_s"]))
+            metric("sonomaly_viewers_not_live", "gauge", "Viewer pages whose picture is NOT LIVE now.",
+                   ws["viewers_not_live"])
             enc = getattr(self.webrtc, "encoder", None)
             if enc is not None:
                 metric("sonomaly_encoder_frames_total", "counter", "Frames encoded by the shared encoder.",

@@ -20,6 +20,7 @@ import asyncio
 import fractions
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -187,6 +188,41 @@ class Viewer:
     t_created: float = field(default_factory=time.monotonic)
     last_rtcp: float | None = None
     """When the viewer last sent RTCP (receiver reports, PLI, REMB): a live peer does so every second or two."""
+    stalls: int = 0
+    """Times the viewer page reported its picture NOT LIVE (``report`` data channel)."""
+    stalled_ms: float = 0.0
+    """Their total length, as the page measured it (reported when each ends)."""
+    stalled_since: float | None = None
+    """Server time of the last NOT LIVE report not yet followed by a "live" one."""
+
+
+REPORT_LABEL = "report"
+"""The data channel on which the viewer page reports to the server: ``{"type": "stale", "age_ms", "limit_ms"}`` when
+its picture turns NOT LIVE, ``{"type": "live", "stalled_ms"}`` when frames come again (ordered and reliable, unlike
+``meta``, so a report sent as the network recovers still arrives)."""
+
+
+def parse_report(msg) -> dict:
+    """Validate one viewer report or raise :class:`ValueError` with the reason (the page is not trusted: any text may
+    come). Returns ``{"type", ...}`` with finite, non-negative numbers."""
+    if not isinstance(msg, str):
+        raise ValueError("a report is a JSON text message")
+    if len(msg) > 1024:
+        raise ValueError(f"report too long ({len(msg)} characters)")
+    try:
+        data = json.loads(msg)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"report is not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("type") not in ("stale", "live"):
+        raise ValueError("a report is an object with type 'stale' or 'live'")
+    keys = ("age_ms", "limit_ms") if data["type"] == "stale" else ("stalled_ms",)
+    out = {"type": data["type"]}
+    for k in keys:
+        v = data.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or v > 1e9:
+            raise ValueError(f"'{k}' must be a number of milliseconds, not {v!r}")
+        out[k] = float(v)
+    return out
 
 
 def parse_offer(body: bytes, max_bytes: int = 64 * 1024) -> RTCSessionDescription:
@@ -235,6 +271,9 @@ class WebRTCServer:
         self.max_viewers = max_viewers
         self.connect_timeout_s = connect_timeout_s
         self.rtcp_timeout_s = rtcp_timeout_s
+        self.viewer_stalls = 0
+        self.viewer_stalled_ms = 0.0
+        self.viewer_reports_bad = 0
         self.dropped_by_watchdog = 0
         self._watchdog: asyncio.Task | None = None
 
@@ -309,6 +348,9 @@ class WebRTCServer:
 
         @pc.on("datachannel")
         def _on_channel(channel) -> None:
+            if channel.label == REPORT_LABEL:
+                channel.on("message", lambda msg: self.viewer_report(viewer, msg))
+                return
             task = asyncio.ensure_future(self._send_metadata(channel))
             viewer.tasks.add(task)
             task.add_done_callback(viewer.tasks.discard)
@@ -348,6 +390,26 @@ class WebRTCServer:
         finally:
             self.hub.unsubscribe_async(token)
 
+    def viewer_report(self, viewer: Viewer, msg) -> None:
+        """A report from the viewer page (see :data:`REPORT_LABEL`): counted, logged; a malformed one only counted."""
+        try:
+            r = parse_report(msg)
+        except ValueError as exc:
+            self.viewer_reports_bad += 1
+            log.debug("viewer %s: bad report: %s", viewer.remote, exc)
+            return
+        if r["type"] == "stale":
+            viewer.stalls += 1
+            self.viewer_stalls += 1
+            viewer.stalled_since = time.monotonic()
+            log.warning("viewer %s: NOT LIVE (no new picture for %.0f ms; its limit %.0f ms)", viewer.remote,
+                        r["age_ms"], r["limit_ms"])
+        else:
+            viewer.stalled_ms += r["stalled_ms"]
+            self.viewer_stalled_ms += r["stalled_ms"]
+            viewer.stalled_since = None
+            log.warning("viewer %s: live again after %.1f s NOT LIVE", viewer.remote, r["stalled_ms"] / 1000)
+
     async def _drop(self, viewer: Viewer) -> None:
         if viewer not in self.viewers:
             return
@@ -377,6 +439,10 @@ class WebRTCServer:
     def stats(self) -> dict:
         return {"viewers": len(self.viewers), "viewers_total": self.total_viewers,
                 "viewers_dropped_by_watchdog": self.dropped_by_watchdog, "max_viewers": self.max_viewers,
+                # what the viewer pages saw: NOT LIVE reports (since start), their length, who is NOT LIVE now
+                "viewer_stalls": self.viewer_stalls, "viewer_stalled_s": round(self.viewer_stalled_ms / 1000, 2),
+                "viewers_not_live": sum(v.stalled_since is not None for v in self.viewers),
+                "viewer_reports_bad": self.viewer_reports_bad,
                 "states": sorted(v.pc.connectionState for v in self.viewers), "encode": self.encode_mode,
                 **_playout_status(),
                 # per viewer: how long after it subscribed its first keyframe went out (shared encoder)

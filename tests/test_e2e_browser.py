@@ -14,6 +14,12 @@ def _wait(page, expr: str, timeout_s: float) -> None:
     page.wait_for_function(expr, timeout=timeout_s * 1000)
 
 
+def _until(cond, timeout_s: float) -> None:
+    t0 = time.monotonic()
+    while not cond() and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.1)
+
+
 def test_chromium_decodes_at_least_90_percent_of_frames(serve, browser, demo_clip, lung_model, tmp_path):
     server = serve("--source", str(demo_clip), "--model", str(lung_model), "--loop")
     page = browser.new_page(viewport={"width": 800, "height": 600})
@@ -87,6 +93,11 @@ def test_a_stalled_stream_is_marked_not_live_in_kiosk_mode(serve, browser, demo_
         _wait(page, "window.sonomaly.stale === false && window.sonomaly.framesPresented > %d" % (frames + 10), 15)
         assert not page.is_visible("#stale")
         assert page.evaluate("window.sonomaly.staleEvents") == 1
+        # the page told the server (report channel): /health counts what the theatre display saw
+        _until(lambda: server.health()["viewer_stalled_s"] > 0, 5.0)
+        h = server.health()
+        assert h["viewer_stalls"] == 1 and h["viewers_not_live"] == 0 and h["viewer_reports_bad"] == 0, h
+        assert 1.0 <= h["viewer_stalled_s"] <= 15.0, h  # the ~1.5 s the server was stopped and its catch-up
     finally:
         if stopped:
             os.kill(server.proc.pid, signal.SIGCONT)

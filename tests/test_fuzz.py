@@ -7,6 +7,7 @@ Expected failures name the file and function to fix; they turn into failures onc
 """
 from __future__ import annotations
 
+import json
 import random
 import socket
 import time
@@ -228,3 +229,45 @@ def test_seeded_samples_match_the_selftest(ctx):
     for res in (F.scenario_dicom_mutations(ctx, n=60), F.scenario_video_byte_flips(ctx, n=15)):
         assert res.passed, (res.id, res.failed_checks, res.metrics)
     assert random.Random(1).random() == random.Random(1).random()  # seeds are deterministic
+
+
+# ---- viewer reports (the page's "report" data channel) -----------------------------------------------------------------
+
+def test_viewer_reports_parse_or_say_why():
+    from sonomaly.stream.webrtc import parse_report
+
+    assert parse_report('{"type":"stale","age_ms":612,"limit_ms":500}') == {"type": "stale", "age_ms": 612.0,
+                                                                             "limit_ms": 500.0}
+    assert parse_report('{"type":"live","stalled_ms":2300.5,"extra":1}') == {"type": "live", "stalled_ms": 2300.5}
+    for bad, why in ((b'{"type":"live"}', "text"), ("[1]", "object"), ('{"type":"gone"}', "object"),
+                     ('{"type":"live","stalled_ms":-1}', "stalled_ms"), ('{"type":"live","stalled_ms":NaN}', "stalled_ms"),
+                     ('{"type":"live","stalled_ms":1e400}', "stalled_ms"), ('{"type":"live","stalled_ms":true}', "stalled_ms"),
+                     ('{"type":"stale","age_ms":"600","limit_ms":500}', "age_ms"), ("x" * 2000, "too long"),
+                     ("{" * 900, "JSON"), ("", "JSON")):
+        with pytest.raises(ValueError, match=why):
+            parse_report(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=1200), st.binary(max_size=64),
+                 st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+                              lambda c: st.lists(c, max_size=4) | st.dictionaries(st.sampled_from(
+                                  ["type", "age_ms", "limit_ms", "stalled_ms", "x"]), c, max_size=4),
+                              max_leaves=12).map(json.dumps)))
+def test_any_viewer_report_is_counted_never_raised(msg):
+    """Whatever a page (or anyone holding a viewer token) sends, the server counts it as a report or as bad, and its
+    totals stay finite and non-negative."""
+    from sonomaly.stream.webrtc import Viewer, WebRTCServer
+
+    class _Hub:  # the report path never touches the hub
+        pass
+
+    server = WebRTCServer(_Hub(), 0)
+    viewer = Viewer(pc=None, track=None, remote="fuzz")
+    server.viewer_report(viewer, msg)
+    assert server.viewer_reports_bad + server.viewer_stalls <= 1  # one report, one outcome
+    if not server.viewer_reports_bad:  # accepted: a JSON object of the type it was counted as
+        kind = json.loads(msg)["type"]
+        assert (kind == "stale") == (server.viewer_stalls == 1 and viewer.stalled_since is not None)
+        assert kind in ("stale", "live")
+    assert 0 <= server.viewer_stalled_ms < float("inf") and server.viewer_stalled_ms == viewer.stalled_ms
