@@ -194,6 +194,9 @@ class Viewer:
     """Their total length, as the page measured it (reported when each ends)."""
     stalled_since: float | None = None
     """Server time of the last NOT LIVE report not yet followed by a "live" one."""
+    report_budget: float = 10.0
+    """Reports this viewer may still send now (refills 1 per second up to 10): a page sends two per stall."""
+    last_report: float | None = None
 
 
 REPORT_LABEL = "report"
@@ -391,8 +394,17 @@ class WebRTCServer:
             self.hub.unsubscribe_async(token)
 
     def viewer_report(self, viewer: Viewer, msg) -> None:
-        """A report from the viewer page (see :data:`REPORT_LABEL`): counted, logged; a malformed one only counted."""
+        """A report from the viewer page (see :data:`REPORT_LABEL`): counted, logged; a malformed one, or one beyond
+        the viewer's budget (10 at once, 1 more per second: a page sends two per stall of at least 0.5 s, so more is a
+        flood), is only counted as bad."""
+        now = time.monotonic()
+        if viewer.last_report is not None:
+            viewer.report_budget = min(10.0, viewer.report_budget + (now - viewer.last_report))
+        viewer.last_report = now
         try:
+            if viewer.report_budget < 1.0:
+                raise ValueError("reports too frequent")
+            viewer.report_budget -= 1.0
             r = parse_report(msg)
         except ValueError as exc:
             self.viewer_reports_bad += 1
@@ -401,7 +413,7 @@ class WebRTCServer:
         if r["type"] == "stale":
             viewer.stalls += 1
             self.viewer_stalls += 1
-            viewer.stalled_since = time.monotonic()
+            viewer.stalled_since = now
             log.warning("viewer %s: NOT LIVE (no new picture for %.0f ms; its limit %.0f ms)", viewer.remote,
                         r["age_ms"], r["limit_ms"])
         else:

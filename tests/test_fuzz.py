@@ -271,3 +271,17 @@ def test_any_viewer_report_is_counted_never_raised(msg):
         assert (kind == "stale") == (server.viewer_stalls == 1 and viewer.stalled_since is not None)
         assert kind in ("stale", "live")
     assert 0 <= server.viewer_stalled_ms < float("inf") and server.viewer_stalled_ms == viewer.stalled_ms
+
+
+def test_a_flood_of_viewer_reports_is_counted_as_bad():
+    from sonomaly.stream.webrtc import Viewer, WebRTCServer
+
+    server = WebRTCServer(object(), 0)
+    viewer = Viewer(pc=None, track=None, remote="flood")
+    for _ in range(1000):
+        server.viewer_report(viewer, '{"type":"stale","age_ms":600,"limit_ms":500}')
+    assert server.viewer_stalls == 10 and server.viewer_reports_bad == 990  # the budget: 10 at once
+    viewer.last_report -= 2.0  # two seconds later: two more
+    for _ in range(5):
+        server.viewer_report(viewer, '{"type":"live","stalled_ms":700}')
+    assert server.viewer_stalled_ms == 1400.0 and server.viewer_reports_bad == 993
