@@ -455,6 +455,12 @@ class WebRTCServer:
                 "viewer_stalls": self.viewer_stalls, "viewer_stalled_s": round(self.viewer_stalled_ms / 1000, 2),
                 "viewers_not_live": sum(v.stalled_since is not None for v in self.viewers),
                 "viewer_reports_bad": self.viewer_reports_bad,
+                # each viewer, the first-connected (the theatre display) first: which screen saw what (no address:
+                # /health is open; the log names it)
+                "viewer_list": [{"id": v.id[:8], "kind": v.kind, "state": v.pc.connectionState,
+                                 "age_s": round(time.monotonic() - v.t_created, 1), "stalls": v.stalls,
+                                 "stalled_s": round(v.stalled_ms / 1000, 2), "not_live": v.stalled_since is not None}
+                                for v in sorted(self.viewers, key=lambda v: v.t_created)],
                 "states": sorted(v.pc.connectionState for v in self.viewers), "encode": self.encode_mode,
                 **_playout_status(),
                 # per viewer: how long after it subscribed its first keyframe went out (shared encoder)

@@ -103,8 +103,8 @@ class WhipPublisher:
                 return
             except asyncio.TimeoutError:
                 pass
-            now, late = time.monotonic(), time.monotonic() - last_tick > 4 * self.watch_every_s
-            last_tick = now
+            now = time.monotonic()
+            late, last_tick = now - last_tick > 4 * self.watch_every_s, now
             pc = self.pc
             if late or pc is None or pc.connectionState != "connected":
                 continue  # after a stalled loop, let the queued packets be read before judging the silence

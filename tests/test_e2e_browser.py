@@ -98,6 +98,9 @@ def test_a_stalled_stream_is_marked_not_live_in_kiosk_mode(serve, browser, demo_
         h = server.health()
         assert h["viewer_stalls"] == 1 and h["viewers_not_live"] == 0 and h["viewer_reports_bad"] == 0, h
         assert 1.0 <= h["viewer_stalled_s"] <= 15.0, h  # the ~1.5 s the server was stopped and its catch-up
+        (me,) = h["viewer_list"]  # and which screen it was
+        assert me["stalls"] == 1 and me["stalled_s"] == h["viewer_stalled_s"] and not me["not_live"]
+        assert me["state"] == "connected" and me["kind"] == "offer"
     finally:
         if stopped:
             os.kill(server.proc.pid, signal.SIGCONT)
