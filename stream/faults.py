@@ -1137,6 +1137,100 @@ def scenario_sfu_crash(ctx: Context) -> ScenarioResult:
     return res
 
 
+def scenario_server_stalled(ctx: Context) -> ScenarioResult:
+    """``serve`` under the viewer page in headless Chromium, kiosk mode (a theatre display); the server is SIGSTOPped
+    for 1.5 s (no packet, no goodbye: Chromium's connection still reads "connected"), then SIGCONTinued."""
+    res = ScenarioResult("output.server_stalled", "The server stops dead (SIGSTOP) under a kiosk theatre display",
+                         "output", "the display marks its frozen picture NOT LIVE (red frame, banner with its age) "
+                         "within 250 ms of its limit, live again when frames come, and the server counts the stall")
+    from sonomaly.tools.latency import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        res.metrics["skipped"] = f"Chromium not found at {CHROMIUM} (make test installs Debian's chromium)"
+        res.outcome = f"skipped: {res.metrics['skipped']}"
+        return res
+    server = ServeProcess("--source", str(DEMO_CLIP), "--loop", "--model", str(LUNG_MODEL), cwd=ctx.dir)
+
+    def in_chromium() -> dict:  # Playwright's sync API on a thread of its own (the caller may run an event loop)
+        from playwright.sync_api import sync_playwright
+
+        m: dict[str, Any] = {}
+        js = "window.sonomaly"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 800, "height": 600})
+            stopped = False
+            try:
+                page.goto(server.url + "/?kiosk=1")
+                page.wait_for_function(f"{js}.connection === 'connected' && {js}.framesPresented > 30", timeout=20000)
+                time.sleep(2.0)
+                m["flowing"] = page.evaluate(js)
+                m["bar_visible"] = page.is_visible("#bar")
+                os.kill(server.pid, signal.SIGSTOP)
+                stopped, t_stop = True, time.monotonic()
+                page.wait_for_function(f"{js}.stale === true", timeout=5000)
+                m["stale"] = page.evaluate(js)
+                m["banner_visible"] = page.is_visible("#stale")
+                m["banner"] = page.inner_text("#stale")
+                time.sleep(max(0.0, 1.5 - (time.monotonic() - t_stop)))
+                m["frames_while_stopped"] = page.evaluate(f"{js}.framesPresented") - m["stale"]["framesPresented"]
+                m["banner_later"] = page.inner_text("#stale")
+                os.kill(server.pid, signal.SIGCONT)
+                stopped, t_cont = False, time.monotonic()
+                page.wait_for_function(f"{js}.stale === false && {js}.framesPresented > "
+                                       f"{m['stale']['framesPresented'] + 10}", timeout=15000)
+                m["live_again_after_s"] = round(time.monotonic() - t_cont, 2)
+                m["banner_visible_after"] = page.is_visible("#stale")
+                m["after"] = page.evaluate(js)
+            finally:
+                if stopped:
+                    os.kill(server.pid, signal.SIGCONT)
+                browser.close()
+        return m
+
+    try:
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(1) as ex:
+            m = ex.submit(in_chromium).result(90)
+        _wait_until(lambda: server.health()["viewer_stalled_s"] > 0, 5.0, 0.1)
+        h = server.health()
+    finally:
+        server.stop()
+    flowing, stale, after = m["flowing"], m["stale"], m["after"]
+
+    def age(text: str) -> float:
+        try:
+            return float(text.split("last image ")[1].split(" s")[0])
+        except (IndexError, ValueError):
+            return -1.0
+
+    res.metrics.update({
+        "stale_limit_ms": stale["staleLimitMs"], "not_live_at_ms": round(stale["staleAtMs"]),
+        "banner": m["banner"], "banner_age_1_5_s_later": age(m["banner_later"]),
+        "frames_while_stopped": m["frames_while_stopped"], "live_again_after_s": m["live_again_after_s"],
+        "server_viewer_stalls": h["viewer_stalls"], "server_viewer_stalled_s": h["viewer_stalled_s"],
+        "viewer_list": h["viewer_list"],
+    })
+    res.checks["never NOT LIVE while frames flow"] = flowing["stale"] is False and flowing["staleEvents"] == 0
+    res.checks["NOT LIVE within 250 ms of its limit"] = (
+        stale["staleLimitMs"] < stale["staleAtMs"] <= stale["staleLimitMs"] + 250)
+    res.checks["the banner shows in kiosk mode, with the picture's age"] = (
+        not m["bar_visible"] and m["banner_visible"] and m["banner"].startswith("NOT LIVE")
+        and age(m["banner_later"]) >= 1.0)
+    res.checks["no picture presented while the server is stopped"] = m["frames_while_stopped"] == 0
+    res.checks["live again once frames come (banner gone)"] = (
+        not m["banner_visible_after"] and after["stale"] is False and after["staleEvents"] == 1)
+    res.checks["the server counts the stall the display reported"] = (
+        h["viewer_stalls"] == 1 and h["viewer_stalled_s"] >= 1.0 and h["viewers_not_live"] == 0
+        and [v["stalls"] for v in h["viewer_list"]] == [1])
+    res.outcome = (f"NOT LIVE {res.metrics['not_live_at_ms']} ms after the last picture (limit "
+                   f"{res.metrics['stale_limit_ms']} ms), '{m['banner'][:34]}…', {m['frames_while_stopped']} pictures "
+                   f"while stopped, live again {m['live_again_after_s']} s after SIGCONT; the server counted "
+                   f"{h['viewer_stalls']} stall of {h['viewer_stalled_s']} s")
+    return res
+
+
 FAULT_SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "source.file_removed": scenario_file_removed,
     "source.network_killed": scenario_network_killed,
@@ -1152,6 +1246,7 @@ FAULT_SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "engine.process_crash": scenario_engine_process_crash,
     "engine.process_hang": scenario_engine_process_hang,
     "output.sfu_crash": scenario_sfu_crash,
+    "output.server_stalled": scenario_server_stalled,
 }
 
 

@@ -94,8 +94,9 @@ def report(results: list[Any], machine: dict[str, Any], wall_s: float) -> str:
         "do not edit by hand. -->",
         "",
         "Every row is one scenario of `stream/faults.py`, run against the real parts: the bundled clip and model, real "
-        "sources (files, an HTTP MJPEG server, DICOM), a real `sonomaly serve` process, real aiortc viewers and "
-        "Debian's Janus as the SFU behind `--whip` (its scenario skips where `make janus` could not install it). Only "
+        "sources (files, an HTTP MJPEG server, DICOM), a real `sonomaly serve` process, real aiortc viewers, the "
+        "viewer page in Debian's headless Chromium as a theatre display, and Debian's Janus as the SFU behind `--whip` "
+        "(those two scenarios skip where `make test` could not install Chromium or Janus). Only "
         "the faults are synthetic. The same scenarios run in `tests/test_faults.py`, `tests/test_fuzz.py` and "
         "`tests/test_privacy.py`, which assert on the same checks.",
         "",
