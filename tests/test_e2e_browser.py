@@ -4,6 +4,8 @@ The viewer page's NOT LIVE banner under a stalled server is the fault scenario `
 (stream/faults.py, run by tests/test_faults.py)."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -56,3 +58,30 @@ def test_chromium_decodes_at_least_90_percent_of_frames(serve, browser, demo_cli
     finally:
         page.close()
 
+
+
+def test_a_hidden_tab_is_not_a_stall(serve, browser, demo_clip):
+    """A tab that is hidden presents nothing by design: neither the banner nor a stall report to the server, even if
+    the stream also stops meanwhile; back in view, the 500-ms clock starts again."""
+    server = serve("--source", str(demo_clip), "--loop")
+    page = browser.new_page(viewport={"width": 800, "height": 600})
+    try:
+        page.goto(server.url + "/")
+        _wait(page, "window.sonomaly.connection === 'connected' && window.sonomaly.framesPresented > 30", 20)
+        set_hidden = """h => { Object.defineProperty(document, 'hidden', {value: h, configurable: true});
+                              document.dispatchEvent(new Event('visibilitychange')); }"""
+        page.evaluate(set_hidden, True)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.5)
+            assert page.evaluate("window.sonomaly.stale") is False and not page.is_visible("#stale")
+            page.evaluate(set_hidden, False)
+            time.sleep(0.3)
+            assert page.evaluate("window.sonomaly.stale") is False  # the clock restarted on becoming visible
+            _wait(page, "window.sonomaly.stale === true", 3)  # and a stream that is still stopped is then NOT LIVE
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        _wait(page, "window.sonomaly.stale === false", 15)
+        assert page.evaluate("window.sonomaly.staleEvents") == 1
+    finally:
+        page.close()
