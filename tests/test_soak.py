@@ -24,12 +24,28 @@ def test_short_soak_reports_every_viewer(tmp_path, demo_clip, lung_model):
         assert 0 < s["viewer_p50_ms"] <= s["viewer_p99_ms"] < 2000
         assert s["rss_mb"] > 50 and s["fds"] > 3 and s["threads"] > 1
         assert s["engine_rss_mb"] > 20 and s["engine_starts"] == 1  # serve's engine process, measured on its own
+        assert len(s["viewer_max_gap_ms"]) == 2 and all(1000 / 20 * 0.5 < g < 2000 for g in s["viewer_max_gap_ms"])
     # frames whose server record was not polled yet are carried to the next window, not lost
     assert sum(s["unmatched"] for s in samples) <= 0.05 * sum(sum(s["viewer_fps"]) * 4 for s in samples)
     summary = report["summary"]
     assert summary["viewers_min"] == 2 and summary["viewer_reconnects"] == 0
     assert "each in a process of its own" in md.read_text() and "| engine process RSS (MB) |" in md.read_text()
     assert summary["engine_restarts"] == 0
+    assert summary["viewer_max_gap_ms"] == max(g for s in samples for g in s["viewer_max_gap_ms"] if g is not None)
+    assert "NOT LIVE limit" in md.read_text()
+
+
+def test_longest_gap_spans_takes():
+    from sonomaly.tools.soak import longest_gap
+
+    ms = 1_000_000
+    assert longest_gap(None, []) == (None, None)
+    assert longest_gap(None, [(1, 5 * ms)]) == (None, 5 * ms)  # one frame: no gap yet
+    gap, last = longest_gap(5 * ms, [(3, 70 * ms), (2, 38 * ms), (2, 38 * ms)])  # unsorted, one read twice
+    assert (gap, last) == (33.0, 70 * ms)
+    gap, last = longest_gap(last, [(4, 690 * ms), (5, 723 * ms)])  # the gap across two takes counts
+    assert (gap, last) == (620.0, 723 * ms)
+    assert longest_gap(last, []) == (None, 723 * ms)  # nothing shown in a window: the last frame is kept
 
 
 def test_frames_count_in_the_window_they_were_shown_in():

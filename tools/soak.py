@@ -64,6 +64,18 @@ def shown_in_window(carry: list[tuple[int, int]], taken: list[tuple[int, int]],
             [(code, t) for code, t in shown if t >= win_end_ns])
 
 
+def longest_gap(last_ns: int | None, taken: list[tuple[int, int]]) -> tuple[float | None, int | None]:
+    """The longest time between two frames one viewer showed (ms), over ``taken`` (``(code, t_shown_ns)`` since the last
+    take) and the gap from ``last_ns``, its last frame before them; and the new last. What the viewer page's NOT LIVE
+    banner (500 ms) would have judged: a gap over it would have shown the banner."""
+    times = sorted({t for _, t in taken})
+    if not times:
+        return None, last_ns
+    edges = ([last_ns] if last_ns is not None else []) + times
+    gaps = [b - a for a, b in zip(edges, edges[1:])]
+    return (round(max(gaps) / 1e6, 1) if gaps else None), times[-1]
+
+
 def _p(values, q) -> float | None:
     return None if not len(values) else round(float(np.percentile(values, q)), 2)
 
@@ -118,6 +130,7 @@ async def soak(args) -> dict[str, Any]:
     reconnects = [0] * len(viewers)
     pending: list[list[tuple[int, int]]] = [[] for _ in viewers]  # shown, their records not polled yet
     carry: list[list[tuple[int, int]]] = [[] for _ in viewers]  # shown after the window's end, taken with it
+    last_shown: list[int | None] = [None] * len(viewers)  # each viewer's last frame (for the gaps between frames)
     tasks = [asyncio.ensure_future(poll_records())]
     try:
         for _, conn in viewers:
@@ -149,7 +162,8 @@ async def soak(args) -> dict[str, Any]:
             server_ms = [(r["t_composed_ns"] - r["t_capture_ns"]) / 1e6 for r in records.values()
                          if win_start_ns <= r["t_composed_ns"] < win_end_ns]
             glass: list[float] = []
-            fps_v = []
+            fps_v: list[float] = []
+            gaps_v: list[float | None] = []
             unmatched = 0
             for i, (_, conn) in enumerate(viewers):
                 msg = await ask(conn, "take")
@@ -158,6 +172,8 @@ async def soak(args) -> dict[str, Any]:
                 _, taken, reconnects[i], errs = msg
                 errors.extend(errs)
                 n_shown, carry[i] = shown_in_window(carry[i], taken, win_end_ns)
+                gap, last_shown[i] = longest_gap(last_shown[i], taken)
+                gaps_v.append(gap)
                 # by shown time: counting the frames matched to a record instead moved the last second of a window
                 # into the next whenever the record poll fell just after the window's end (27 fps, then 30.2)
                 fps_v.append(round(n_shown / ((win_end_ns - win_start_ns) / 1e9), 2))
@@ -196,6 +212,7 @@ async def soak(args) -> dict[str, Any]:
                 "viewer_p99_ms": _p(glass, 99),
                 "viewer_max_ms": _p(glass, 100),
                 "viewer_fps": fps_v,
+                "viewer_max_gap_ms": gaps_v,  # per viewer: the longest time between two frames it showed
                 "unmatched": unmatched,
                 "viewer_reconnects": sum(reconnects),
                 "load1": round(os.getloadavg()[0], 2),
@@ -311,6 +328,12 @@ def summarise(samples: list[dict[str, Any]], warmup_s: float = 60.0) -> dict[str
                                           default=None),
         "fps_out_mean": mean(samples, "fps_out"), "fps_out_min": min(s["fps_out"] for s in samples),
         "viewer_fps_mean": round(float(np.mean([np.mean(s["viewer_fps"]) for s in samples])), 2),
+        # the longest time any viewer went without a new frame, and in how many windows one went over the viewer
+        # page's NOT LIVE limit (500 ms)
+        "viewer_max_gap_ms": max((g for s in samples for g in s.get("viewer_max_gap_ms", []) if g is not None),
+                                 default=None),
+        "windows_with_gap_over_500ms": sum(any(g is not None and g > 500 for g in s.get("viewer_max_gap_ms", []))
+                                           for s in samples),
         "dropped_total": sum(s["dropped"] for s in samples),
         "no_signal_total": sum(s["no_signal"] for s in samples),
         "viewers_min": min((s["viewers"] or 0) for s in samples),
@@ -365,6 +388,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['viewer_p99_ms_last_quarter']} | {s['viewer_p99_ms_worst_window']} (worst window) | |",
         f"| output fps (mean / min window) | {s['fps_out_mean']} | | {s['fps_out_min']} | |",
         f"| fps received per viewer (mean) | {s['viewer_fps_mean']} | | | |",
+        *([f"| longest time a viewer went without a new frame (ms) / windows with one over 500 ms (the viewer "
+           f"page's NOT LIVE limit) | | | {s['viewer_max_gap_ms']} / {s['windows_with_gap_over_500ms']} | |"]
+          if s.get("viewer_max_gap_ms") is not None else []),
         f"| raw frames dropped / NO SIGNAL frames | {s['dropped_total']} / {s['no_signal_total']} | | | |",
         f"| viewers connected (min over samples) / viewer sessions restarted | {s['viewers_min']} / "
         f"{s.get('viewer_reconnects', 0)} | | | |",
@@ -380,12 +406,14 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("plot"):
         lines += [f"![soak over time]({report['plot']})", ""]
     lines += ["## Samples", "", "| t (s) | RSS MB | fds | threads | fps out | server p99 ms | viewer p50 / p99 ms | "
-              "viewer fps | load |", "|---|---|---|---|---|---|---|---|---|"]
+              "viewer fps | longest gap ms (worst viewer) | load |", "|---|---|---|---|---|---|---|---|---|---|"]
     step = max(1, len(report["samples"]) // 30)
     for r in report["samples"][::step]:
+        gap = max((g for g in r.get("viewer_max_gap_ms", []) if g is not None), default=None)
         lines.append(f"| {r['t_s']:.0f} | {r['rss_mb']} | {r['fds']} | {r['threads']} | {r['fps_out']} | "
                      f"{r['server_p99_ms']} | {r['viewer_p50_ms']} / {r['viewer_p99_ms']} | "
-                     f"{', '.join(str(x) for x in r['viewer_fps'])} | {r['load1']} |")
+                     f"{', '.join(str(x) for x in r['viewer_fps'])} | {gap if gap is not None else '–'} | "
+                     f"{r['load1']} |")
     return "\n".join(lines) + "\n"
 
 
