@@ -1536,10 +1536,9 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
 def _p99_ratios(out: dict[str, Any], key: str, r: dict, base: dict) -> None:
     """``{key}_p99``: run ``r``'s glass-to-glass p99 over ``base``'s; where both have it, ``{key}_to_compositor_p99``,
     the same without the display's refresh phase, ``{key}_to_composited_p99`` where both were screencast, and
-    ``{key}_paint_p50_ms``, the two runs' median wait from the
-    compositor to the expected display (``base``'s first): Chromium times a lone video and a page of several unlike
-    (docs/LATENCY.md, "Chromium's two render paths"), and a gap there says the glass-to-glass ratio compares unlike
-    waits."""
+    ``{key}_paint_p50_ms``, the two runs' median wait from the compositor to the expected display (``base``'s first):
+    Chromium times a lone video and a page of several unlike (docs/LATENCY.md, "Chromium's two render paths"), and a
+    gap there says the glass-to-glass ratio compares unlike waits."""
     out[f"{key}_p99"] = round(r["glass_to_glass_ms"]["p99"] / base["glass_to_glass_ms"]["p99"], 3)
     tc, tc1 = (x.get("to_compositor_ms") or {} for x in (r, base))
     if tc.get("p99") and tc1.get("p99"):
